@@ -1,0 +1,314 @@
+"""
+ddl-gpt: a small GPT whose residual stream is either added to or rewritten by Deep Delta Learning.
+
+Deep Delta Learning (Zhang, Liu, Wang, Gu; arXiv 2601.00417) replaces the additive residual
+x <- x + F(x) with a gated delta-rule rewrite of one direction of the stream:
+
+    x <- x + beta * (v - k·x) * k
+
+Each sublayer reads the stream along a unit direction k (its own output, normalized), compares the
+reading k·x with a target v, and overwrites that component by a gate beta in (0, 2).
+
+What is in this file, top to bottom:
+- the backbone, the same in every mode: pre-norm RMSNorm, rotary positions, RMSNorm on queries and
+  keys, causal scaled-dot-product attention, SwiGLU MLP, no biases, tied embedding / LM head;
+- the delta update (`DeltaUpdate`), the one piece that differs between residual modes;
+- the residual state: X of shape (B, T, d, d_v). d_v = 1 is the ordinary residual stream kept with a
+  trailing axis of 1, so that one code path serves every d_v; d_v > 1 is the paper's expanded state,
+  read through learned per-feature mixes (`Compress`) and started from the embedding by an optional
+  causal token convolution ("EC");
+- `residual`: "add" (x + F(x)), "delta" (DDL) or "write" (x + beta*v*k, the erase-free ablation).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RESIDUAL_MODES = ("add", "delta", "write")
+VALUE_MAPS = ("sigmoid", "linear")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # longest context; rotary tables are built for this many positions
+    vocab_size: int = 50304     # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0        # on attention weights and on every write into the residual state
+    residual: str = "delta"     # "add", "delta" or "write": the only switch between the methods
+    d_v: int = 1                # value channels per feature of the state; the paper's headline uses 4
+    expand_conv: bool = True    # d_v > 1: start the state with a causal token convolution (paper's "EC")
+    beta_init: float = 1.0      # gate at init; 1.0 starts in the overwrite regime, as the authors did
+    value: str = "sigmoid"      # v = 4*sigmoid(W x + b) (authors' code) or "linear": v = W c + b (paper text)
+    rope_base: float = 10000.0  # rotary frequency base
+
+    def __post_init__(self):
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual={self.residual!r}; expected one of {RESIDUAL_MODES}")
+        if self.value not in VALUE_MAPS:
+            raise ValueError(f"value={self.value!r}; expected one of {VALUE_MAPS}")
+        if self.d_v < 1:
+            raise ValueError(f"d_v={self.d_v}; expected an integer >= 1")
+        if self.residual == "add" and self.d_v > 1:
+            raise ValueError("residual='add' has no expanded state: use d_v=1, or residual='delta'/'write' with d_v>1")
+        if not 0.0 < self.beta_init < 2.0:
+            raise ValueError(f"beta_init={self.beta_init}; the gate lives in (0, 2), so pick a value strictly inside")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size (rotary)")
+
+
+def rotary_tables(head_dim, length, base):
+    """cos and sin of every (position, frequency) pair, each (length, head_dim / 2)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)          # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x[i], x[i + hd/2]) of x (B, nh, T, hd) by the angles of their position."""
+    x1, x2 = x.float().chunk(2, dim=-1)                                  # 2 x (B, nh, T, hd/2)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hd)
+    return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)                    # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        q = self.q_norm(apply_rotary(q, cos, sin))                  # (B, nh, T, hd)
+        k = self.k_norm(apply_rotary(k, cos, sin))                  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
+        return self.c_proj(y)                                       # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: silu(gate) * up, with the hidden width 8d/3 that keeps the parameter count of a 4d MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden = 8 * config.n_embd // 3
+        self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)
+        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).split(self.hidden, dim=-1)  # 2 x (B, T, hidden)
+        return self.c_proj(F.silu(gate) * up)              # (B, T, C)
+
+
+class DeltaUpdate(nn.Module):
+    """Write a sublayer's output h into the residual state X (B, T, d, d_v) by the delta rule.
+
+        k    = h / sqrt(|h|^2 + eps^2)        the direction to read and write: h gives only a direction
+        beta = 2 * sigmoid(w_b · c + b_b)     gate in (0, 2), one scalar per token
+        v    = 4 * sigmoid(W_v x_in + b_v)    target value per channel, d_v per token
+        X   <- X + beta * k ⊗ (v - kᵀX)       for d_v = 1:  x <- x + beta * (v - k·x) * k
+
+    c = RMSNorm(x_in) is what the sublayer read; x_in is the (compressed) state before the sublayer.
+    beta = 0 keeps X; beta = 1 overwrites the component along k, so kᵀX_new = v exactly;
+    beta -> 2 reflects it (with v = 0, the Householder reflection I - 2kkᵀ).
+    residual="write" drops the erase term kᵀX: X <- X + beta * k ⊗ v.
+    The gate logit, kᵀX and the update run in fp32 even under bf16 autocast.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.erase = config.residual == "delta"
+        self.linear_value = config.value == "linear"
+        self.gate_weight = nn.Parameter(torch.empty(config.n_embd))
+        self.gate_bias = nn.Parameter(torch.tensor(math.log(config.beta_init / (2 - config.beta_init))))
+        self.value = nn.Linear(config.n_embd, config.d_v, bias=True)
+        # Dropout acts on the whole write, as additive dropout acts on F(x): dropping elements of h
+        # would only turn the direction k (k is normalized), not thin out what reaches the stream.
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, X, x_in, c, h, eps=1e-5):
+        h = h.float()
+        k = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps**2)                   # (B, T, d)
+        beta = 2 * torch.sigmoid((c.float() * self.gate_weight).sum(-1) + self.gate_bias)  # (B, T)
+        if self.linear_value:
+            v = self.value(c).float()                                                   # (B, T, d_v)
+        else:
+            v = 4 * torch.sigmoid(self.value(x_in).float())                             # (B, T, d_v)
+        if self.erase:
+            v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v)
+        write = (beta[..., None, None] * k.unsqueeze(-1)) * v.unsqueeze(-2)              # (B, T, d, d_v)
+        return X + self.drop(write)                                                     # (B, T, d, d_v)
+
+
+class Compress(nn.Module):
+    """Read a d-vector out of the state: per feature i, x[i] = sum_j mix[i, j] * X[i, j] (paper's "CC")."""
+
+    def __init__(self, config):
+        super().__init__()
+        d_v = config.d_v
+        self.mix = nn.Parameter(torch.full((config.n_embd, d_v), 1.0 / d_v)) if d_v > 1 else None
+
+    def forward(self, X):
+        if self.mix is None:
+            return X.squeeze(-1)            # (B, T, d): with d_v = 1 the state is the stream itself
+        return (X * self.mix).sum(dim=-1)   # (B, T, d)
+
+
+class Expand(nn.Module):
+    """Turn the embedding (B, T, d) into the initial state (B, T, d, d_v).
+
+    With `expand_conv` (d_v > 1): a causal depthwise convolution over the last 4 tokens with one weight
+    per (tap, feature, channel), started at the identity (only the current token's tap is 1), so that
+    at init the state is the embedding repeated over the d_v channels. Otherwise: the repeat itself.
+    """
+    taps = 4
+
+    def __init__(self, config):
+        super().__init__()
+        self.d_v = config.d_v
+        self.weight = None
+        if config.d_v > 1 and config.expand_conv:
+            weight = torch.zeros(self.taps, config.n_embd, config.d_v)
+            weight[-1] = 1.0  # the last tap looks at the current token
+            self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        if self.weight is None:
+            return x.unsqueeze(-1).expand(*x.shape, self.d_v)  # (B, T, d, d_v)
+        T = x.size(1)
+        past = F.pad(x, (0, 0, self.taps - 1, 0))               # (B, T + taps - 1, d): zeros before the start
+        return sum(past[:, j:j + T, :, None] * self.weight[j]   # (B, T, d, d_v)
+                   for j in range(self.taps))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.residual = config.residual
+        self.ln_1 = nn.RMSNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.RMSNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+        self.compress = Compress(config)  # one per block, read before attention and again before the MLP
+        self.drop = nn.Dropout(config.dropout)
+        delta = config.residual != "add"
+        self.update_attn = DeltaUpdate(config) if delta else None
+        self.update_mlp = DeltaUpdate(config) if delta else None
+
+    def forward(self, X, cos, sin):
+        x_in = self.compress(X)                                       # (B, T, d)
+        c = self.ln_1(x_in)                                           # (B, T, d)
+        X = self.write(X, x_in, c, self.attn(c, cos, sin), self.update_attn)  # (B, T, d, d_v)
+        x_in = self.compress(X)                                       # (B, T, d)
+        c = self.ln_2(x_in)                                           # (B, T, d)
+        X = self.write(X, x_in, c, self.mlp(c), self.update_mlp)      # (B, T, d, d_v)
+        return X
+
+    def write(self, X, x_in, c, h, update):
+        if self.residual == "add":
+            return X + self.drop(h).float().unsqueeze(-1)  # (B, T, d, 1): x <- x + F(x)
+        return update(X, x_in, c, h)                       # (B, T, d, d_v): the delta rule
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            expand=Expand(config),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            readout=Compress(config),
+            ln_f=nn.RMSNorm(config.n_embd, eps=1e-5),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads tokens in and out
+        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd/2)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The authors' init, with s = 0.5 / sqrt(n_embd):
+        - every Linear weight (attention c_attn, MLP c_fc, the value map W_v) and the gate w_b: N(0, s)
+        - the output projections (attention and MLP c_proj): N(0, s / sqrt(n_layer)); not zero, since
+          the gradient through k = h/|h| grows like 1/|h|
+        - token embedding (= LM head): N(0, 0.02)
+        - gate bias logit(beta_init / 2) (set in DeltaUpdate), so beta starts around beta_init;
+          value bias 0; RMSNorm gains 1; Compress mixes 1/d_v; Expand the identity (set in __init__)
+        """
+        s = 0.5 / math.sqrt(self.config.n_embd)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module is not self.lm_head:
+                std = s / math.sqrt(self.config.n_layer) if name.endswith("c_proj") else s
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, DeltaUpdate):
+                nn.init.normal_(module.gate_weight, mean=0.0, std=s)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]   # (T, hd/2)
+        X = self.transformer.expand(self.transformer.wte(idx))  # (B, T, d, d_v)
+        for block in self.transformer.h:
+            X = block(X, cos, sin)                         # (B, T, d, d_v)
+        x = self.transformer.ln_f(self.transformer.readout(X))  # (B, T, d)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]).float(), None     # (B, 1, vocab): only what generation needs
+        logits = self.lm_head(x).float()                  # (B, T, vocab): fp32 for the loss
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on the weight matrices that multiply activations, nowhere else.
+        Gains, biases, gates and the identity-started Expand / Compress mixes are left undecayed:
+        pulling those towards zero would pull the model away from its starting point, not regularize it."""
+        matrices = [p for n, p in self.named_parameters() if p.dim() == 2 and not n.endswith(".mix")]
+        others = [p for n, p in self.named_parameters() if not (p.dim() == 2 and not n.endswith(".mix"))]
+        groups = [dict(params=matrices, weight_decay=weight_decay), dict(params=others, weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
+        6 per parameter plus the attention scores. The delta updates add well under 1% and are left out."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens. `vocab_limit` keeps padded-vocabulary
+        ids that no tokenizer can decode out of the sample. The context is cropped to block_size."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]                  # (B, <= block_size)
+            logits, _ = self(context)                                   # (B, 1, vocab)
+            logits = logits[:, -1, :vocab_limit] / max(temperature, 1e-6)  # (B, vocab)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)                      # (B, T + 1)
+        return idx

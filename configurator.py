@@ -3,8 +3,8 @@ Command-line and config-file settings for the scripts, checked against a datacla
 
     python train.py config/shakespeare_char.py --residual=add --learning_rate=1e-3 --compile=False
 
-A config file is a Python file of plain assignments (`n_layer = 6`); `--key=value` arguments come
-after it and win. A bare `--flag` means `--flag=True`. Every key must be a field of the dataclass
+A config file is a Python file of plain assignments (`n_layer = 6`); `--key=value` arguments win
+over it, wherever they stand on the line. A bare `--flag` means `--flag=True`. Every key must be a field of the dataclass
 (a typo gets the closest valid name), and every value is converted to the field's type, so
 `--learning_rate=1` is the float 1.0 and `--compile=false` is False.
 """
@@ -76,15 +76,17 @@ def read_config_file(path):
 def parse_overrides(cls, argv):
     """The settings that a config file and `--key=value` arguments give, checked and typed for `cls`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    files = [arg for arg in argv if not arg.startswith("--")]
+    for arg in files:
+        if not arg.endswith(".py"):
+            raise ConfigError(f"unexpected argument {arg!r}: use a config file (*.py) or --key=value")
     raw = {}
+    for arg in files:  # config files first, in order; then --key=value wins, wherever it stands
+        raw.update(read_config_file(arg))
     for arg in argv:
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
             raw[key.replace("-", "_")] = value if sep else "True"
-        elif arg.endswith(".py"):
-            raw.update(read_config_file(arg))
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}: use a config file (*.py) or --key=value")
     overrides = {}
     for key, value in raw.items():
         if key not in fields:

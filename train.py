@@ -339,6 +339,12 @@ def train(cfg, state=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         log_file = open(Path(cfg.out_dir) / "log.jsonl", "a", encoding="utf-8")
 
+    def diverged(which, loss, step):
+        ckpt = Path(cfg.out_dir) / "ckpt.pt"
+        kept = (f"{ckpt} still holds the last good state (--resume continues from it)" if ckpt.exists()
+                else "no checkpoint had been written yet")
+        return f"{which} loss is {loss} at iter {step}: training diverged and stopped; {kept}. Try a lower --learning_rate."
+
     def record(**entry):
         if master:
             log_file.write(json.dumps(entry) + "\n")
@@ -351,8 +357,7 @@ def train(cfg, state=None):
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (state is not None and step == start_step):
             val_loss = evaluate()
             if not math.isfinite(val_loss):
-                raise TrainingError(f"validation loss is {val_loss} at iter {step}: training diverged. "
-                                    f"{cfg.out_dir}/ckpt.pt still holds the last good state; try a lower --learning_rate.")
+                raise TrainingError(diverged("validation", val_loss, step))
             best_val = min(best_val, val_loss)
             log(f"iter {step}: val loss {val_loss:.4f} (best {best_val:.4f})")
             record(iter=step, val_loss=val_loss, best_val_loss=best_val, elapsed_s=round(elapsed, 2))
@@ -387,8 +392,7 @@ def train(cfg, state=None):
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
             train_loss = loss_sum.item()  # waits for the GPU, so the timing below is true
             if not math.isfinite(train_loss):
-                raise TrainingError(f"training loss is {train_loss} at iter {step + 1}: training diverged. "
-                                    f"{cfg.out_dir}/ckpt.pt still holds the last good state; try a lower --learning_rate.")
+                raise TrainingError(diverged("training", train_loss, step + 1))
             now = time.time()
             ms_per_step = 1000 * (now - t_last) / (step + 1 - step_last)
             t_last, step_last = now, step + 1

@@ -1,18 +1,20 @@
-# A character-level Shakespeare model that a laptop CPU trains in about a minute.
+# A character-level Shakespeare model that a laptop CPU trains in about a minute: 3 layers, 128 wide,
+# context 64 (0.6M parameters). On this backbone 3 layers reach a lower loss per second than 4, and
+# 16 sequences per step use the CPU better than 12 (fewer, larger matrix products per token).
 out_dir = "out-shakespeare-char-cpu"
 dataset = "shakespeare_char"
-device = "cpu"
-n_layer = 4
+device = "cpu"           # small enough that a GPU or MPS would spend the time starting up
+n_layer = 3
 n_head = 4
 n_embd = 128
 block_size = 64
-batch_size = 12
-dropout = 0.0
-max_iters = 1000
-learning_rate = 2e-3
+batch_size = 16
+dropout = 0.0            # 900 steps see each character about once: nothing to regularize yet
+max_iters = 900
+learning_rate = 2e-3     # small models take a larger step
 min_lr = 2e-4
 warmup_iters = 50
 beta2 = 0.99
-eval_interval = 250
+eval_interval = 300
 eval_iters = 20
 log_interval = 50

@@ -53,7 +53,7 @@ def coerce(key, value, field):
         if t is float:
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         allowed = " (or None)" if optional else ""
         raise ConfigError(f"--{key}={value!r}: expected {t.__name__}{allowed}") from None
 

@@ -97,11 +97,14 @@ class TrainingError(RuntimeError):
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a crash mid-write never damages the previous file."""
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -164,8 +167,9 @@ def dataset_meta(cfg):
     folder = Path(cfg.data_dir) / cfg.dataset
     if not (folder / "meta.json").is_file():
         script = Path(cfg.data_dir) / cfg.dataset / "prepare.py"
+        target = f"--name={cfg.dataset}" if Path(cfg.data_dir) == Path("data") else f"--out_dir={folder}"
         how = (f"python {script}" if script.is_file() else
-               f"python data/prepare.py --input=YOUR_TEXT --name={cfg.dataset}  (a text file or a folder of .txt files)")
+               f"python data/prepare.py --input=YOUR_TEXT {target}  (a text file or a folder of .txt files)")
         raise TrainingError(f"dataset {cfg.dataset!r} is not prepared: {folder}/meta.json is missing. Run:\n  {how}")
     return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
 
@@ -390,6 +394,9 @@ def train(cfg, state=None):
         optimizer.zero_grad(set_to_none=True)
 
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
+            if distributed:  # the step's loss over every process's micro-batches, not rank 0's alone
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
             train_loss = loss_sum.item()  # waits for the GPU, so the timing below is true
             if not math.isfinite(train_loss):
                 raise TrainingError(diverged("training", train_loss, step + 1))

@@ -1,0 +1,45 @@
+"""
+Data-parallel training: two CPU processes under torchrun (DDP over gloo) against one process with
+the same global batch. Every batch is a function of (seed, step), and the micro-batches of a step are
+shared out over the processes, so the two runs train the same model.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SUBPROCESS_ENV, command_line, logged, run_training, tiny_run_settings
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single_runs(char_data, tmp_path_factory):
+    """out_dirs of a 2-process torchrun run and of a 1-process run: 2 micro-batches of 4 per step."""
+    folder = tmp_path_factory.mktemp("distributed")
+    settings = dict(max_iters=6, gradient_accumulation_steps=2, batch_size=4, eval_iters=4)
+    ddp = tiny_run_settings(char_data, folder / "ddp", **settings)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         *command_line(ddp)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    single = run_training(tiny_run_settings(char_data, folder / "single", **settings))
+    return folder / "ddp", single
+
+
+def test_two_ddp_processes_reach_the_validation_losses_of_one_process(ddp_and_single_runs):
+    ddp, single = (logged(run, "val_loss") for run in ddp_and_single_runs)
+    assert [step for step, _ in ddp] == [step for step, _ in single] == [0, 2, 4, 6]
+    assert [loss for _, loss in ddp] == pytest.approx([loss for _, loss in single], abs=1e-5)
+
+
+def test_only_rank_zero_writes_the_log_and_checkpoints(ddp_and_single_runs):
+    ddp, single = ddp_and_single_runs
+    lines = (ddp / "log.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == len((single / "log.jsonl").read_text().splitlines())
+    assert sorted(path.name for path in ddp.iterdir()) == ["best.pt", "ckpt.pt", "log.jsonl"]
+
+
+def test_ddp_logs_the_training_loss_of_the_whole_step_not_of_rank_zero_alone(ddp_and_single_runs):
+    ddp, single = (logged(run, "train_loss") for run in ddp_and_single_runs)
+    assert [step for step, _ in ddp] == [step for step, _ in single]
+    assert [loss for _, loss in ddp] == pytest.approx([loss for _, loss in single], abs=1e-5)

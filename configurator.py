@@ -4,9 +4,9 @@ Command-line and config-file settings for the scripts, checked against a datacla
     python train.py config/shakespeare_char.py --residual=add --learning_rate=1e-3 --compile=False
 
 A config file is a Python file of plain assignments (`n_layer = 6`); `--key=value` arguments win
-over it, wherever they stand on the line. A bare `--flag` means `--flag=True`. Every key must be a field of the dataclass
-(a typo gets the closest valid name), and every value is converted to the field's type, so
-`--learning_rate=1` is the float 1.0 and `--compile=false` is False.
+over it, wherever they stand on the line. A bare `--flag` means `--flag=True`. Every key must be a
+field of the dataclass (a typo gets the closest valid name), and every value is converted to the
+field's type, so `--learning_rate=1` is the float 1.0 and `--compile=false` is False.
 """
 
 import dataclasses

@@ -64,12 +64,12 @@ def sample(cfg):
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     with autocast:
         y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, vocab_limit=tokenizer.vocab_size)
+    prompt = tokenizer.decode(ids) if cfg.start else ""
     texts = []
     for row in y.tolist():
         new = row[len(ids):]
         if tokenizer.kind == "gpt2" and tokenizer.end_of_text in new:  # a document ended: stop there
             new = new[:new.index(tokenizer.end_of_text)]
-        prompt = "" if not cfg.start else tokenizer.decode(ids)
         texts.append(prompt + tokenizer.decode(new))
     return texts
 

@@ -167,7 +167,7 @@ class TokenFile:
 def dataset_meta(cfg):
     folder = Path(cfg.data_dir) / cfg.dataset
     if not (folder / "meta.json").is_file():
-        script = Path(cfg.data_dir) / cfg.dataset / "prepare.py"
+        script = folder / "prepare.py"
         target = f"--name={cfg.dataset}" if Path(cfg.data_dir) == Path("data") else f"--out_dir={folder}"
         how = (f"python {script}" if script.is_file() else
                f"python data/prepare.py --input=YOUR_TEXT {target}  (a text file or a folder of .txt files)")

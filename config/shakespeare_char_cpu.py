@@ -16,5 +16,5 @@ min_lr = 2e-4
 warmup_iters = 50
 beta2 = 0.99
 eval_interval = 300
-eval_iters = 40           # 41k characters, a third of the validation text
+eval_iters = 40          # 41k characters, a third of the validation text
 log_interval = 50

@@ -13,30 +13,29 @@ import dataclasses
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from configurator import ConfigError, parse_overrides
+from configurator import ConfigError, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig
-from train import peak_tflops, pick_device, pick_dtype
+from runtime import autocast_for, check_memory, compile_blocker, device_name, peak_tflops, pick_device, pick_dtype
 
 
 @dataclasses.dataclass
 class BenchConfig:
     modes: str = "add,delta,delta:4"  # residual[:d_v], comma-separated; the first is the reference
-    n_layer: int = 12
-    n_head: int = 6
-    n_embd: int = 768
-    block_size: int = 1024
-    batch_size: int = 16
-    vocab_size: int = 50304
-    warmup: int = 10
-    steps: int = 30
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | None = None
-    gpu_peak_tflops: float | None = None
+    n_layer: int = 12                 # GPT-2 small's shape by default
+    n_head: int = 6                   # heads of 128: what the fused attention kernels like
+    n_embd: int = 768                 # model width
+    block_size: int = 1024            # context length
+    batch_size: int = 16              # sequences per step
+    vocab_size: int = 50304           # GPT-2's vocabulary, padded to a multiple of 64
+    warmup: int = 10                  # untimed steps first (compilation, allocator warm-up)
+    steps: int = 30                   # timed steps; the table shows their median
+    device: str = "auto"              # auto picks cuda > mps > cpu
+    dtype: str = "auto"               # auto: bfloat16 on GPUs that have it, else float32
+    compile: bool | None = None       # torch.compile; None: on CUDA where Triton exists
+    gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 
 
 def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
@@ -45,7 +44,7 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
                           vocab_size=cfg.vocab_size, residual=residual, d_v=d_v)).to(device)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
     step_model = torch.compile(model) if use_compile else model
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    autocast = autocast_for(device, dtype)
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)  # (B, T)
     y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)  # (B, T)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -71,20 +70,43 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
     return statistics.median(times), memory, t_compile, model.flops_per_token(), model.num_params()
 
 
+def parse_modes(text):
+    """[(residual, d_v)] from "add,delta,delta:4"."""
+    modes = []
+    for item in text.split(","):
+        residual, _, d_v = item.strip().partition(":")
+        try:
+            modes.append((residual, int(d_v) if d_v else 1))
+            GPTConfig(residual=residual, d_v=modes[-1][1])
+        except ValueError as error:
+            raise ConfigError(f"--modes: {item!r} is not a mode ({error}); write residual[:d_v], e.g. add,delta,delta:4") from None
+    return modes
+
+
 def main(argv):
+    cfg = BenchConfig(**parse_overrides(BenchConfig, argv))
+    modes = parse_modes(cfg.modes)
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size", "steps"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be at least 1")
+    if cfg.warmup < 0:
+        raise ConfigError(f"--warmup={cfg.warmup}: must not be negative")
     try:
-        cfg = BenchConfig(**parse_overrides(BenchConfig, argv))
-        modes = [(m.split(":")[0], int(m.split(":")[1]) if ":" in m else 1) for m in cfg.modes.split(",")]
-        device = pick_device(cfg.device)
-        dtype = pick_dtype(cfg.dtype, device)
-    except (ConfigError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        shape = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          vocab_size=cfg.vocab_size, d_v=max(d_v for _, d_v in modes))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    check_memory(shape, cfg.batch_size, device, "Lower --batch_size and --block_size, or run it on a GPU.")
+    blocker = compile_blocker(device)
+    if cfg.compile and blocker:
+        raise ConfigError(f"--compile=True: {blocker}; use --compile=False")
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and blocker is None
     torch.set_float32_matmul_precision("high")
-    peak = peak_tflops(cfg, device) if dtype != "float32" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    print(f"{name}, torch {torch.__version__}, {dtype}, compile {use_compile}; {cfg.n_layer}L d={cfg.n_embd} "
-          f"{cfg.n_head} heads, T={cfg.block_size}, B={cfg.batch_size}")
+    peak = peak_tflops(device, cfg.gpu_peak_tflops) if dtype != "float32" else None
+    print(f"{device_name(device)}, torch {torch.__version__}, {dtype}, compile {use_compile}; {cfg.n_layer}L "
+          f"d={cfg.n_embd} {cfg.n_head} heads, T={cfg.block_size}, B={cfg.batch_size}", flush=True)
     rows, reference = [], None
     for residual, d_v in modes:
         seconds, memory, t_compile, flops, params = bench_mode(cfg, residual, d_v, device, dtype, use_compile)
@@ -100,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, BenchConfig, __doc__, sys.argv[1:])

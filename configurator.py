@@ -11,6 +11,10 @@ field's type, so `--learning_rate=1` is the float 1.0 and `--compile=false` is F
 
 import dataclasses
 import difflib
+import inspect
+import math
+import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -18,7 +22,12 @@ from pathlib import Path
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (a setting, a missing or damaged file): the scripts print its one
+    line and exit with status 1, never a traceback."""
+
+
+class ConfigError(UserError):
     pass
 
 
@@ -51,11 +60,15 @@ def coerce(key, value, field):
                 raise ValueError
             return int(number)
         if t is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         return str(value)
     except (TypeError, ValueError, OverflowError):
         allowed = " (or None)" if optional else ""
-        raise ConfigError(f"--{key}={value!r}: expected {t.__name__}{allowed}") from None
+        kind = "a finite float" if t is float else t.__name__
+        raise ConfigError(f"--{key}={value!r}: expected {kind}{allowed}") from None
 
 
 def unknown_key_error(key, valid):
@@ -69,7 +82,14 @@ def read_config_file(path):
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} not found")
     namespace = {}
-    exec(compile(Path(path).read_text(encoding="utf-8"), str(path), "exec"), namespace)
+    try:
+        exec(compile(Path(path).read_text(encoding="utf-8"), str(path), "exec"), namespace)
+    except Exception as error:  # a config file is user input: any failure in it is the user's to fix
+        line = getattr(error, "lineno", None) or next(
+            (frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__))
+             if frame.filename == str(path)), "?")
+        raise ConfigError(f"config file {path}, line {line}: {type(error).__name__}: {error}; a config file "
+                          "holds plain assignments such as n_layer = 6") from None
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 
@@ -86,13 +106,60 @@ def parse_overrides(cls, argv):
     for arg in argv:
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
-            raw[key.replace("-", "_")] = value if sep else "True"
+            key = key.replace("-", "_")
+            bare = fields[key].metadata.get("bare", "True") if key in fields else "True"
+            if key in fields and not sep and field_type(fields[key])[0] is not bool and "bare" not in fields[key].metadata:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE (only on/off settings stand alone)")
+            if key in fields and sep and value == "" and fields[key].default not in ("", None):
+                raise ConfigError(f"--{key}= is empty; give a value, or leave it out for the default "
+                                  f"({fields[key].default!r})")
+            raw[key] = value if sep else bare
     overrides = {}
     for key, value in raw.items():
         if key not in fields:
             raise unknown_key_error(key, list(fields))
         overrides[key] = coerce(key, value, fields[key])
     return overrides
+
+
+def field_help(cls):
+    """{field name: the comment on its line in the class source}: the dataclass is the one place where
+    a setting and its meaning are written down, and --help reads them from there."""
+    helps = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            name, colon, rest = line.strip().partition(":")
+            if colon and name.isidentifier() and "#" in rest:
+                helps[name] = rest.split("#", 1)[1].strip()
+    return helps
+
+
+def usage(cls, doc):
+    """The --help text: the script's docstring, then every setting with its default and meaning."""
+    helps = field_help(cls)
+    rows = [(f"--{f.name}={f.default!r}" if not isinstance(f.default, str) else f"--{f.name}={f.default}",
+             helps.get(f.name, "")) for f in dataclasses.fields(cls)]
+    width = max(len(left) for left, _ in rows)
+    return (doc.strip() + "\n\nsettings (default shown):\n" +
+            "\n".join(f"  {left:<{width}}  {text}" for left, text in rows))
+
+
+def run_cli(main, cls, doc, argv):
+    """Run a script's main(argv): --help prints the usage; a user's mistake or a failure of the machine
+    (disk full, permissions) ends in one line and a non-zero exit; Ctrl-C in one line and status 130."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(cls, doc))
+        return
+    try:
+        main(argv)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except OSError as error:  # the machine's trouble, not a bug: say which file and why
+        where = f"{error.filename}: " if error.filename else ""
+        sys.exit(f"error: {where}{error.strerror or error}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def fields_of(cls, values):

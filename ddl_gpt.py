@@ -43,14 +43,14 @@ class GPTConfig:
     d_v: int = 1                # value channels per feature of the state; the paper's headline uses 4
     expand_conv: bool = True    # d_v > 1: start the state with a causal token convolution (paper's "EC")
     beta_init: float = 1.0      # gate at init; 1.0 starts in the overwrite regime, as the authors did
-    value: str = "sigmoid"      # v = 4*sigmoid(W x + b) (authors' code) or "linear": v = W c + b (paper text)
+    value_map: str = "sigmoid"  # v = 4*sigmoid(W x + b) (authors' code) or "linear": v = W c + b (paper text)
     rope_base: float = 10000.0  # rotary frequency base
 
     def __post_init__(self):
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual={self.residual!r}; expected one of {RESIDUAL_MODES}")
-        if self.value not in VALUE_MAPS:
-            raise ValueError(f"value={self.value!r}; expected one of {VALUE_MAPS}")
+        if self.value_map not in VALUE_MAPS:
+            raise ValueError(f"value_map={self.value_map!r}; expected one of {VALUE_MAPS}")
         if self.d_v < 1:
             raise ValueError(f"d_v={self.d_v}; expected an integer >= 1")
         if self.residual == "add" and self.d_v > 1:
@@ -132,24 +132,30 @@ class DeltaUpdate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.erase = config.residual == "delta"
-        self.linear_value = config.value == "linear"
+        self.linear_value = config.value_map == "linear"
         self.gate_weight = nn.Parameter(torch.empty(config.n_embd))
         self.gate_bias = nn.Parameter(torch.tensor(math.log(config.beta_init / (2 - config.beta_init))))
-        self.value = nn.Linear(config.n_embd, config.d_v, bias=True)
+        self.value_proj = nn.Linear(config.n_embd, config.d_v, bias=True)
         # Dropout acts on the whole write, as additive dropout acts on F(x): dropping elements of h
         # would only turn the direction k (k is normalized), not thin out what reaches the stream.
+        # The price: during training a beta = 1 write lands only approximately on v.
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, X, x_in, c, h, eps=1e-5):
+    def coefficients(self, x_in, c, h, eps=1e-5):
+        """k (B, T, d), beta (B, T) and v (B, T, d_v) of the equation above, in fp32."""
         h = h.float()
         k = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps**2)                   # (B, T, d)
         beta = 2 * torch.sigmoid((c.float() * self.gate_weight).sum(-1) + self.gate_bias)  # (B, T)
         if self.linear_value:
-            v = self.value(c).float()                                                   # (B, T, d_v)
+            v = self.value_proj(c).float()                                              # (B, T, d_v)
         else:
-            v = 4 * torch.sigmoid(self.value(x_in).float())                             # (B, T, d_v)
+            v = 4 * torch.sigmoid(self.value_proj(x_in).float())                        # (B, T, d_v)
+        return k, beta, v
+
+    def forward(self, X, x_in, c, h):
+        k, beta, v = self.coefficients(x_in, c, h)
         if self.erase:
-            v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v)
+            v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v): v - kᵀX
         write = (beta[..., None, None] * k.unsqueeze(-1)) * v.unsqueeze(-2)              # (B, T, d, d_v)
         return X + self.drop(write)                                                     # (B, T, d, d_v)
 
@@ -205,24 +211,34 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
         self.compress = Compress(config)  # one per block, read before attention and again before the MLP
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)  # additive mode only: DeltaUpdate drops its own write
         delta = config.residual != "add"
         self.update_attn = DeltaUpdate(config) if delta else None
         self.update_mlp = DeltaUpdate(config) if delta else None
 
     def forward(self, X, cos, sin):
-        x_in = self.compress(X)                                       # (B, T, d)
-        c = self.ln_1(x_in)                                           # (B, T, d)
-        X = self.write(X, x_in, c, self.attn(c, cos, sin), self.update_attn)  # (B, T, d, d_v)
-        x_in = self.compress(X)                                       # (B, T, d)
-        c = self.ln_2(x_in)                                           # (B, T, d)
-        X = self.write(X, x_in, c, self.mlp(c), self.update_mlp)      # (B, T, d, d_v)
-        return X
+        """Attention, then the MLP; each reads the state, and its output h is written back into it.
 
-    def write(self, X, x_in, c, h, update):
+        With residual="add" this is nanoGPT's pre-norm block, x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))
+        (pinned by tests/test_model.py::test_additive_mode_is_an_ordinary_pre_norm_gpt). The other modes
+        differ in the write alone: the delta rule instead of the sum.
+        """
+        x_in = self.compress(X)                             # (B, T, d)  read the state
+        c = self.ln_1(x_in)                                 # (B, T, d)  normalize
+        h = self.attn(c, cos, sin)                          # (B, T, d)  sublayer output
         if self.residual == "add":
-            return X + self.drop(h).float().unsqueeze(-1)  # (B, T, d, 1): x <- x + F(x)
-        return update(X, x_in, c, h)                       # (B, T, d, d_v): the delta rule
+            X = X + self.drop(h).float().unsqueeze(-1)      # (B, T, d, 1)    x <- x + h
+        else:
+            X = self.update_attn(X, x_in, c, h)             # (B, T, d, d_v)  X <- X + beta k ⊗ (v - kᵀX)
+
+        x_in = self.compress(X)                             # (B, T, d)
+        c = self.ln_2(x_in)                                 # (B, T, d)
+        h = self.mlp(c)                                     # (B, T, d)
+        if self.residual == "add":
+            X = X + self.drop(h).float().unsqueeze(-1)      # (B, T, d, 1)
+        else:
+            X = self.update_mlp(X, x_in, c, h)              # (B, T, d, d_v)
+        return X
 
 
 class GPT(nn.Module):
@@ -252,7 +268,13 @@ class GPT(nn.Module):
           the gradient through k = h/|h| grows like 1/|h|
         - token embedding (= LM head): N(0, 0.02)
         - gate bias logit(beta_init / 2) (set in DeltaUpdate), so beta starts around beta_init;
-          value bias 0; RMSNorm gains 1; Compress mixes 1/d_v; Expand the identity (set in __init__)
+          RMSNorm gains 1; Expand the identity (set in __init__)
+        Two choices differ from the authors' code, on purpose:
+        - the value bias b_v starts at 0 (theirs: PyTorch's uniform default), so v starts at 4*sigmoid(0) = 2
+          give or take W_v x, the same for every d_v;
+        - the Compress mixes start at 1/d_v (theirs: random, mean 0, std about 0.008 at d = 768), so the
+          first block reads the embedding itself, and a d_v = 4 model with identical channels equals the
+          d_v = 1 model (tests/test_model.py pins this).
         """
         s = 0.5 / math.sqrt(self.config.n_embd)
         for name, module in self.named_modules():
@@ -287,9 +309,12 @@ class GPT(nn.Module):
         """AdamW; weight decay on the weight matrices that multiply activations, nowhere else.
         Gains, biases, gates and the identity-started Expand / Compress mixes are left undecayed:
         pulling those towards zero would pull the model away from its starting point, not regularize it."""
-        matrices = [p for n, p in self.named_parameters() if p.dim() == 2 and not n.endswith(".mix")]
-        others = [p for n, p in self.named_parameters() if not (p.dim() == 2 and not n.endswith(".mix"))]
-        groups = [dict(params=matrices, weight_decay=weight_decay), dict(params=others, weight_decay=0.0)]
+        decayed, undecayed = [], []
+        for name, p in self.named_parameters():
+            is_matrix = p.dim() == 2 and not name.endswith(".mix")
+            (decayed if is_matrix else undecayed).append(p)
+        assert len(decayed) + len(undecayed) == len(list(self.parameters())), "a parameter is in no group"
+        groups = [dict(params=decayed, weight_decay=weight_decay), dict(params=undecayed, weight_decay=0.0)]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_token(self):
@@ -312,3 +337,36 @@ class GPT(nn.Module):
             next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)                      # (B, T + 1)
         return idx
+
+
+@torch.no_grad()
+def gate_statistics(model, idx):
+    """What the residual writes do on a batch idx (B, T), read off with forward hooks so that the
+    forward pass stays as it is. Per layer, [attention, MLP] pairs of
+      beta_mean, beta_std: the gate (0 identity, 1 overwrite, 2 reflection); absent in add mode,
+      rewrite: mean |v - kᵀX|, how far the state's reading along k is from the target before the write;
+    and state_rms: the RMS of the state after each block (every mode)."""
+    gates, state_rms = {}, []
+
+    def on_update(update, args, output):
+        X, x_in, c, h = args
+        k, beta, v = update.coefficients(x_in, c, h)
+        reading = (k.unsqueeze(-1) * X.float()).sum(dim=2)  # (B, T, d_v): kᵀX
+        gates[update] = (beta.mean().item(), beta.std().item(), (v - reading).abs().mean().item())
+
+    def on_block(block, args, output):
+        state_rms.append(output.float().pow(2).mean().sqrt().item())
+
+    hooks = [block.register_forward_hook(on_block) for block in model.transformer.h]
+    hooks += [m.register_forward_hook(on_update) for m in model.modules() if isinstance(m, DeltaUpdate)]
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stats = {"state_rms": state_rms}
+    if gates:
+        pairs = [(gates[block.update_attn], gates[block.update_mlp]) for block in model.transformer.h]
+        for i, name in enumerate(("beta_mean", "beta_std", "rewrite")):
+            stats[name] = [[attn[i], mlp[i]] for attn, mlp in pairs]
+    return stats

@@ -10,14 +10,13 @@ nothing but the checkpoint folder. By default the weights with the lowest valida
 
 import dataclasses
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, parse_overrides
-from tokenizer import TokenizerError, from_meta
-from train import TrainingError, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+from configurator import ConfigError, parse_overrides, run_cli
+from runtime import autocast_for, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+from tokenizer import from_meta
 
 
 @dataclasses.dataclass
@@ -61,8 +60,7 @@ def sample(cfg):
               file=sys.stderr)
     torch.manual_seed(cfg.seed)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (N, T)
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
-    with autocast:
+    with autocast_for(device, dtype):
         y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, vocab_limit=tokenizer.vocab_size)
     prompt = tokenizer.decode(ids) if cfg.start else ""
     texts = []
@@ -75,14 +73,11 @@ def sample(cfg):
 
 
 def main(argv):
-    try:
-        texts = sample(dataclasses.replace(SampleConfig(), **parse_overrides(SampleConfig, argv)))
-    except (ConfigError, TrainingError, TokenizerError) as error:
-        sys.exit(f"error: {error}")
+    texts = sample(SampleConfig(**parse_overrides(SampleConfig, argv)))
     for text in texts:
         print(text)
         print("-" * 40)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, SampleConfig, __doc__, sys.argv[1:])

@@ -7,8 +7,10 @@ The two tokenizers a dataset can use, and how a dataset's meta.json names them:
 
 import os
 
+from configurator import UserError
 
-class TokenizerError(RuntimeError):
+
+class TokenizerError(UserError):
     pass
 
 

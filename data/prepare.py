@@ -23,13 +23,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts in data/*/ import this file and the project's modules
 
-from configurator import ConfigError, parse_overrides  # noqa: E402
-from tokenizer import CharTokenizer, GPT2Tokenizer, TokenizerError  # noqa: E402
+from configurator import UserError, parse_overrides, run_cli  # noqa: E402
+from tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 MAX_VOCAB = 2**16  # ids are stored as uint16
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     pass
 
 
@@ -168,15 +168,15 @@ def fetch(url, dest):
 def main(argv, download=None, **defaults):
     """Command line of this script and of the data/*/prepare.py scripts, which pass their defaults and
     `download` = (url, local path) of their text, used when no --input is given."""
-    try:
+    def prepare_from(argv):
         settings = defaults | parse_overrides(PrepareConfig, argv)
         if not settings.get("input"):
             if download is None:
                 raise DataError("give the text with --input=FILE_OR_FOLDER")
             settings["input"] = fetch(*download)
         prepare(**settings)
-    except (ConfigError, DataError, TokenizerError) as error:
-        sys.exit(f"error: {error}")
+
+    run_cli(prepare_from, PrepareConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ def logit(p):
 def delta_update(beta, v, residual="delta"):
     """A DeltaUpdate whose gate is the constant `beta` and whose target is the constant vector `v` (d_v,)."""
     v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
-    update = DeltaUpdate(GPTConfig(n_embd=D, n_head=1, d_v=len(v), residual=residual, value="linear"))
+    update = DeltaUpdate(GPTConfig(n_embd=D, n_head=1, d_v=len(v), residual=residual, value_map="linear"))
     with torch.no_grad():
         update.gate_weight.zero_()
         update.gate_bias.fill_(logit(beta / 2))
-        update.value.weight.zero_()
-        update.value.bias.copy_(v)
+        update.value_proj.weight.zero_()
+        update.value_proj.bias.copy_(v)
     return update.eval()
 
 
@@ -157,7 +157,7 @@ def test_gate_starts_at_beta_init(beta_init):
 def test_value_target_is_four_sigmoid_of_the_state_or_linear_in_the_normalized_input(value_map, reads):
     """Authors' code: v = 4 sigmoid(W_v x_in + b), from the un-normalized state; paper text: v = W_v c + b."""
     torch.manual_seed(3)
-    update = DeltaUpdate(GPTConfig(n_embd=D, n_head=1, d_v=4, value=value_map)).eval()
+    update = DeltaUpdate(GPTConfig(n_embd=D, n_head=1, d_v=4, value_map=value_map)).eval()
     with torch.no_grad():
         update.gate_weight.zero_()
         update.gate_bias.zero_()                                   # beta = 1: k·X_new is v itself
@@ -165,7 +165,7 @@ def test_value_target_is_four_sigmoid_of_the_state_or_linear_in_the_normalized_i
     x_in, c = 5 * torch.randn(TOKENS, D), torch.randn(TOKENS, D)
     with torch.no_grad():
         source = {"x_in": x_in, "c": c}[reads]
-        v = 4 * torch.sigmoid(update.value(source)) if value_map == "sigmoid" else update.value(source)
+        v = 4 * torch.sigmoid(update.value_proj(source)) if value_map == "sigmoid" else update.value_proj(source)
         torch.testing.assert_close(along(k, apply(update, X, h, c=c, x_in=x_in)), v, rtol=0, atol=1e-5)
 
 

@@ -36,7 +36,7 @@ def test_only_rank_zero_writes_the_log_and_checkpoints(ddp_and_single_runs):
     ddp, single = ddp_and_single_runs
     lines = (ddp / "log.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == len((single / "log.jsonl").read_text().splitlines())
-    assert sorted(path.name for path in ddp.iterdir()) == ["best.pt", "ckpt.pt", "log.jsonl"]
+    assert sorted(path.name for path in ddp.iterdir()) == [".lock", "best.pt", "ckpt.pt", "log.jsonl"]
 
 
 def test_ddp_logs_the_training_loss_of_the_whole_step_not_of_rank_zero_alone(ddp_and_single_runs):

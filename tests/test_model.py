@@ -128,7 +128,7 @@ def test_parameter_overhead_over_the_additive_model_matches_the_formula(residual
     (dict(residual="sum"), "residual='sum'"),
     (dict(beta_init=0.0), "beta_init"),
     (dict(beta_init=2.0), "beta_init"),
-    (dict(value="tanh"), "value='tanh'"),
+    (dict(value_map="tanh"), "value_map='tanh'"),
     (dict(d_v=0), "d_v"),
     (dict(n_embd=30, n_head=4), "n_head"),
 ], ids=["add_with_expanded_state", "unknown_residual", "beta_init_0", "beta_init_2", "unknown_value_map",

@@ -11,8 +11,9 @@ import torch
 import train as train_module
 from configurator import ConfigError, parse_overrides
 from conftest import logged, run_training, tiny_run_settings
-from train import (TokenFile, TrainConfig, TrainingError, learning_rate, model_from_checkpoint, resolve_config,
-                   step_seed, train)
+import runtime
+from runtime import CheckpointError, model_from_checkpoint
+from train import TokenFile, TrainConfig, TrainingError, learning_rate, resolve_config, step_seed, train
 
 
 def resume(out_dir, *arguments):
@@ -114,7 +115,7 @@ def truncate(path):
 def test_an_unreadable_checkpoint_is_refused_with_a_clear_message(trained_run_copy, damage, message):
     path = trained_run_copy / "ckpt.pt"
     damage(path)
-    with pytest.raises(TrainingError, match=message) as error:
+    with pytest.raises(CheckpointError, match=message) as error:
         resolve_config(["--resume", f"--out_dir={trained_run_copy}"])
     assert str(path) in str(error.value)
 
@@ -126,8 +127,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoints_intact(traine
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module.torch, "save", save_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(runtime.torch, "save", save_half_then_fail)
+    with pytest.raises(CheckpointError, match="could not write .*intact"):
         resume(trained_run_copy, "--max_iters=6")      # evaluates, then saves, at iteration 6
     assert file_bytes(trained_run_copy) == before
 
@@ -149,7 +150,7 @@ def test_an_unknown_setting_names_the_closest_valid_key():
 def test_command_line_values_are_converted_to_the_field_types():
     overrides = parse_overrides(TrainConfig, ["--learning_rate=1", "--compile=false", "--max_iters=5e3",
                                               "--resume", "--lr_decay_iters=None"])
-    assert overrides == dict(learning_rate=1.0, compile=False, max_iters=5000, resume=True, lr_decay_iters=None)
+    assert overrides == dict(learning_rate=1.0, compile=False, max_iters=5000, resume="yes", lr_decay_iters=None)
     assert type(overrides["learning_rate"]) is float and type(overrides["max_iters"]) is int
 
 

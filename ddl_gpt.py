@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESIDUAL_MODES = ("add", "delta", "write")
+DROPOUT_PLACES = ("write", "h")
 VALUE_MAPS = ("sigmoid", "linear")
 
 
@@ -39,6 +40,7 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0        # on attention weights and on every write into the residual state
+    dropout_at: str = "write"   # delta/write modes: drop elements of the whole write, or of "h" (turns k)
     residual: str = "delta"     # "add", "delta" or "write": the only switch between the methods
     d_v: int = 1                # value channels per feature of the state; the paper's headline uses 4
     expand_conv: bool = True    # d_v > 1: start the state with a causal token convolution (paper's "EC")
@@ -51,6 +53,8 @@ class GPTConfig:
             raise ValueError(f"residual={self.residual!r}; expected one of {RESIDUAL_MODES}")
         if self.value_map not in VALUE_MAPS:
             raise ValueError(f"value_map={self.value_map!r}; expected one of {VALUE_MAPS}")
+        if self.dropout_at not in DROPOUT_PLACES:
+            raise ValueError(f"dropout_at={self.dropout_at!r}; expected one of {DROPOUT_PLACES}")
         if self.d_v < 1:
             raise ValueError(f"d_v={self.d_v}; expected an integer >= 1")
         if self.residual == "add" and self.d_v > 1:
@@ -136,10 +140,12 @@ class DeltaUpdate(nn.Module):
         self.gate_weight = nn.Parameter(torch.empty(config.n_embd))
         self.gate_bias = nn.Parameter(torch.tensor(math.log(config.beta_init / (2 - config.beta_init))))
         self.value_proj = nn.Linear(config.n_embd, config.d_v, bias=True)
-        # Dropout acts on the whole write, as additive dropout acts on F(x): dropping elements of h
-        # would only turn the direction k (k is normalized), not thin out what reaches the stream.
-        # The price: during training a beta = 1 write lands only approximately on v.
+        # By default dropout acts on the whole write, as additive dropout acts on F(x): dropping elements
+        # of h would only turn the direction k (k is normalized), not thin out what reaches the stream.
+        # The price: during training a beta = 1 write lands only approximately on v. dropout_at="h"
+        # is the other choice, measured against this one in the README.
         self.drop = nn.Dropout(config.dropout)
+        self.drop_h = config.dropout_at == "h"
 
     def coefficients(self, x_in, c, h, eps=1e-5):
         """k (B, T, d), beta (B, T) and v (B, T, d_v) of the equation above, in fp32."""
@@ -153,11 +159,13 @@ class DeltaUpdate(nn.Module):
         return k, beta, v
 
     def forward(self, X, x_in, c, h):
+        if self.drop_h:
+            h = self.drop(h)                                                            # (B, T, d)
         k, beta, v = self.coefficients(x_in, c, h)
         if self.erase:
             v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v): v - kᵀX
         write = (beta[..., None, None] * k.unsqueeze(-1)) * v.unsqueeze(-2)              # (B, T, d, d_v)
-        return X + self.drop(write)                                                     # (B, T, d, d_v)
+        return X + (write if self.drop_h else self.drop(write))                         # (B, T, d, d_v)
 
 
 class Compress(nn.Module):

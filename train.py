@@ -53,6 +53,7 @@ class TrainConfig:
     n_embd: int = 384                  # width d of the residual stream
     block_size: int = 256              # context length in tokens
     dropout: float = 0.0               # on attention weights and on every write into the residual state
+    dropout_at: str = "write"          # delta/write modes: drop elements of the whole write, or of h (turns k)
     residual: str = "delta"            # add (x + F(x)), delta (Deep Delta Learning) or write (no erase term)
     d_v: int = 1                       # value channels of the state; 4 is the paper's expanded state
     expand_conv: bool = True           # d_v > 1: start the state with a causal token convolution (EC)
@@ -78,10 +79,12 @@ class TrainConfig:
     device: str = "auto"               # auto picks cuda > mps > cpu; or name one (cuda:1, cpu)
     dtype: str = "auto"                # auto: bfloat16 on GPUs that have it, float16 on older CUDA GPUs, else float32
     compile: bool | None = None        # torch.compile; None: on CUDA where Triton exists, off elsewhere
+    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune
     seed: int = 1337                   # every random draw of the run follows from it
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from runtime.PEAK_TFLOPS
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in TrainConfig.__dataclass_fields__]
 
 
@@ -116,6 +119,8 @@ def check_settings(cfg):
         raise ConfigError(f"--seed={cfg.seed}: must lie in [0, 2^31)")
     if cfg.gpu_peak_tflops is not None and cfg.gpu_peak_tflops <= 0:
         raise ConfigError(f"--gpu_peak_tflops={cfg.gpu_peak_tflops}: must be positive, or None")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile_mode={cfg.compile_mode}: expected one of {', '.join(COMPILE_MODES)}")
     if cfg.resume not in ("no", "yes", "auto"):
         raise ConfigError(f"--resume={cfg.resume}: expected no, yes (or a bare --resume) or auto")
     try:
@@ -464,7 +469,7 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
     raw_model = model
     if use_compile:
         log("compiling the model (torch.compile): the first evaluation and steps take longer")
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = autocast_for(device, dtype)

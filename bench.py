@@ -35,6 +35,7 @@ class BenchConfig:
     device: str = "auto"              # auto picks cuda > mps > cpu
     dtype: str = "auto"               # auto: bfloat16 on GPUs that have it, else float32
     compile: bool | None = None       # torch.compile; None: on CUDA where Triton exists
+    state_dtype: str = "float32"      # the residual state's storage: float32 or bfloat16
     compile_mode: str = "default"     # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 
@@ -42,7 +43,8 @@ class BenchConfig:
 def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, residual=residual, d_v=d_v)).to(device)
+                          vocab_size=cfg.vocab_size, residual=residual, d_v=d_v,
+                          state_dtype=cfg.state_dtype)).to(device)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
     step_model = torch.compile(model, mode=cfg.compile_mode) if use_compile else model
     autocast = autocast_for(device, dtype)

@@ -47,12 +47,15 @@ class GPTConfig:
     beta_init: float = 1.0      # gate at init; 1.0 starts in the overwrite regime, as the authors did
     value_map: str = "sigmoid"  # v = 4*sigmoid(W x + b) (authors' code) or "linear": v = W c + b (paper text)
     rope_base: float = 10000.0  # rotary frequency base
+    state_dtype: str = "float32"  # the residual state's storage; "bfloat16" halves its memory traffic
 
     def __post_init__(self):
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual={self.residual!r}; expected one of {RESIDUAL_MODES}")
         if self.value_map not in VALUE_MAPS:
             raise ValueError(f"value_map={self.value_map!r}; expected one of {VALUE_MAPS}")
+        if self.state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype={self.state_dtype!r}; expected 'float32' or 'bfloat16'")
         if self.dropout_at not in DROPOUT_PLACES:
             raise ValueError(f"dropout_at={self.dropout_at!r}; expected one of {DROPOUT_PLACES}")
         if self.d_v < 1:
@@ -165,7 +168,7 @@ class DeltaUpdate(nn.Module):
         if self.erase:
             v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v): v - kᵀX
         write = (beta[..., None, None] * k.unsqueeze(-1)) * v.unsqueeze(-2)              # (B, T, d, d_v)
-        return X + (write if self.drop_h else self.drop(write))                         # (B, T, d, d_v)
+        return (X + (write if self.drop_h else self.drop(write))).to(X.dtype)           # (B, T, d, d_v)
 
 
 class Compress(nn.Module):
@@ -178,8 +181,8 @@ class Compress(nn.Module):
 
     def forward(self, X):
         if self.mix is None:
-            return X.squeeze(-1)            # (B, T, d): with d_v = 1 the state is the stream itself
-        return (X * self.mix).sum(dim=-1)   # (B, T, d)
+            return X.squeeze(-1).float()    # (B, T, d): with d_v = 1 the state is the stream itself
+        return (X * self.mix).sum(dim=-1)   # (B, T, d), fp32 (the mix is) whatever the state's storage
 
 
 class Expand(nn.Module):
@@ -235,7 +238,7 @@ class Block(nn.Module):
         c = self.ln_1(x_in)                                 # (B, T, d)  normalize
         h = self.attn(c, cos, sin)                          # (B, T, d)  sublayer output
         if self.residual == "add":
-            X = X + self.drop(h).float().unsqueeze(-1)      # (B, T, d, 1)    x <- x + h
+            X = X + self.drop(h).to(X.dtype).unsqueeze(-1)  # (B, T, d, 1)    x <- x + h
         else:
             X = self.update_attn(X, x_in, c, h)             # (B, T, d, d_v)  X <- X + beta k ⊗ (v - kᵀX)
 
@@ -243,7 +246,7 @@ class Block(nn.Module):
         c = self.ln_2(x_in)                                 # (B, T, d)
         h = self.mlp(c)                                     # (B, T, d)
         if self.residual == "add":
-            X = X + self.drop(h).float().unsqueeze(-1)      # (B, T, d, 1)
+            X = X + self.drop(h).to(X.dtype).unsqueeze(-1)  # (B, T, d, 1)
         else:
             X = self.update_mlp(X, x_in, c, h)              # (B, T, d, d_v)
         return X
@@ -303,7 +306,8 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]   # (T, hd/2)
-        X = self.transformer.expand(self.transformer.wte(idx))  # (B, T, d, d_v)
+        state_dtype = getattr(torch, self.config.state_dtype)
+        X = self.transformer.expand(self.transformer.wte(idx)).to(state_dtype)  # (B, T, d, d_v)
         for block in self.transformer.h:
             X = block(X, cos, sin)                         # (B, T, d, d_v)
         x = self.transformer.ln_f(self.transformer.readout(X))  # (B, T, d)

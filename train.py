@@ -59,6 +59,7 @@ class TrainConfig:
     expand_conv: bool = True           # d_v > 1: start the state with a causal token convolution (EC)
     beta_init: float = 1.0             # the gate at initialization, in (0, 2); 1 starts at overwrite
     value_map: str = "sigmoid"         # v = 4*sigmoid(W x + b) (authors' code) or linear: v = W c + b (paper)
+    state_dtype: str = "float32"       # the residual state's storage: float32, or bfloat16 (less memory traffic)
     # optimization
     batch_size: int = 64               # sequences per micro-batch, in each process
     gradient_accumulation_steps: int = 1  # micro-batches per step, over all processes together

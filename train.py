@@ -81,6 +81,7 @@ class TrainConfig:
     dtype: str = "auto"                # auto: bfloat16 on GPUs that have it, float16 on older CUDA GPUs, else float32
     compile: bool | None = None        # torch.compile; None: on CUDA where Triton exists, off elsewhere
     compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune
+    ddp_bucket_mb: int = 25            # under torchrun: gradients are averaged in buckets of this size while backward runs
     seed: int = 1337                   # every random draw of the run follows from it
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from runtime.PEAK_TFLOPS
 
@@ -99,7 +100,7 @@ class TrainingError(UserError):
 def check_settings(cfg):
     """Raise ConfigError naming the first setting that cannot work, and the fix."""
     positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                "max_iters", "eval_interval", "eval_iters", "log_interval", "d_v"]
+                "max_iters", "eval_interval", "eval_iters", "log_interval", "d_v", "ddp_bucket_mb"]
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: must be at least 1")
@@ -472,7 +473,8 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
         log("compiling the model (torch.compile): the first evaluation and steps take longer")
         model = torch.compile(model, mode=cfg.compile_mode)
     if distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True)
     autocast = autocast_for(device, dtype)
     peak = peak_tflops(device, cfg.gpu_peak_tflops) if dtype != "float32" else None
     flops_per_step = raw_model.flops_per_token() * tokens_per_step

@@ -201,10 +201,13 @@ def summarize(entries):
 
 
 def device_names(out):
-    """The device names train.py printed in its first line ("device cuda (NVIDIA H200) x 1 ...")."""
+    """The devices the runs trained on, and torch's version, from train.py's first log.jsonl entry."""
     names = set()
-    for log in Path(out).glob("*/seed_*/stdout.log"):
-        names.update(re.findall(r"^device \S+ \(([^)]*)\)", log.read_text(errors="replace"), re.MULTILINE))
+    for log in Path(out).glob("*/seed_*/log.jsonl"):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"run"' in line:
+                run = json.loads(line)["run"]
+                names.add(f"{run['device']} (torch {run['torch']})")
     return sorted(names)
 
 
@@ -260,14 +263,14 @@ def header(out, manifest, report_command, runs, unfinished):
     lines = [f"# {', '.join(runs)}", ""] + [f"Command: `{i['command']}`  " for i in invocations]
     if report_command:
         lines.append(f"Report: `{report_command}`  ")
-    devices = device_names(out) or ["device unknown (not in the runs' stdout.log)"]
+    devices = device_names(out) or ["device unknown (not in the runs' log.jsonl)"]
     lines.append(f"Hardware: {', '.join(devices)}; {manifest.get('host') or host_description()}  ")
     shared = [i["parallel"] for i in invocations if i["parallel"] > max(1, len(i["devices"]))]
     if not invocations:
         lines.append("Timing: unknown whether runs shared a device (no compare.json)  ")
     elif shared:
         lines.append(f"Timing: up to {max(shared)} runs at a time: "
-                     f"**shared {'CPU' if devices == ['cpu'] else 'GPU'}: timings not comparable**  ")
+                     f"**shared {'CPU' if all(d.startswith('cpu') for d in devices) else 'GPU'}: timings not comparable**  ")
     else:
         lines.append("Timing: one run at a time on each device  ")
     seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
@@ -311,7 +314,7 @@ def welch_table(runs):
             lines.append(table_row([name, f"{difference:+.4f}", "—", "—", "— (needs 2+ seeds and some spread)"]))
         else:
             difference, t, df, p = welch(sample, base)
-            lines.append(table_row([name, f"{difference:+.4f}", f"{t:.2f}", f"{df:.1f}", f"{p:.3f}"]))
+            lines.append(table_row([name, f"{difference:+.4f}", f"{t:.2f}", f"{df:.1f}", f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"]))
     n = sorted({len(by_seed) for by_seed in runs.values()})
     return lines + ["", HOW_TO_READ.format(n=n[0] if len(n) == 1 else f"{n[0]} to {n[-1]}")]
 

@@ -285,7 +285,7 @@ class GPT(nn.Module):
           give or take W_v x, the same for every d_v;
         - the Compress mixes start at 1/d_v (theirs: random, mean 0, std about 0.008 at d = 768), so the
           first block reads the embedding itself, and a d_v = 4 model with identical channels equals the
-          d_v = 1 model (tests/test_model.py pins this).
+          d_v = 1 model (tests/test_wiring.py pins this).
         """
         s = 0.5 / math.sqrt(self.config.n_embd)
         for name, module in self.named_modules():

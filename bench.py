@@ -36,7 +36,7 @@ class BenchConfig:
     dtype: str = "auto"               # auto: bfloat16 on GPUs that have it, else float32
     compile: bool | None = None       # torch.compile; None: on CUDA where Triton exists
     state_dtype: str = "float32"      # the residual state's storage: float32 or bfloat16
-    compile_mode: str = "default"     # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
+    compile_mode: str = "auto"        # torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, as train.py
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 
 
@@ -46,7 +46,8 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
                           vocab_size=cfg.vocab_size, residual=residual, d_v=d_v,
                           state_dtype=cfg.state_dtype)).to(device)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-    step_model = torch.compile(model, mode=cfg.compile_mode) if use_compile else model
+    mode = cfg.compile_mode if cfg.compile_mode != "auto" else "reduce-overhead" if device.type == "cuda" else "default"
+    step_model = torch.compile(model, mode=mode) if use_compile else model
     autocast = autocast_for(device, dtype)
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)  # (B, T)
     y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)  # (B, T)

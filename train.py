@@ -80,13 +80,13 @@ class TrainConfig:
     device: str = "auto"               # auto picks cuda > mps > cpu; or name one (cuda:1, cpu)
     dtype: str = "auto"                # auto: bfloat16 on GPUs that have it, float16 on older CUDA GPUs, else float32
     compile: bool | None = None        # torch.compile; None: on CUDA where Triton exists, off elsewhere
-    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune
+    compile_mode: str = "auto"         # torch.compile mode; auto: reduce-overhead (CUDA graphs) on one GPU, else default
     ddp_bucket_mb: int = 25            # under torchrun: gradients are averaged in buckets of this size while backward runs
     seed: int = 1337                   # every random draw of the run follows from it
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from runtime.PEAK_TFLOPS
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in TrainConfig.__dataclass_fields__]
 
 
@@ -470,8 +470,13 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
 
     raw_model = model
     if use_compile:
-        log("compiling the model (torch.compile): the first evaluation and steps take longer")
-        model = torch.compile(model, mode=cfg.compile_mode)
+        # CUDA graphs replay a whole step in one launch: at the baby GPT's size, where launching kernels
+        # takes longer than running them, that is a third off the step. Under DDP they would capture
+        # the gradient hooks, so several processes keep the default mode.
+        mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
+            "reduce-overhead" if device.type == "cuda" and not distributed else "default")
+        log(f"compiling the model (torch.compile, mode {mode}): the first evaluation and steps take longer")
+        model = torch.compile(model, mode=mode)
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True)

@@ -373,11 +373,16 @@ class StopRequest:
               "(Ctrl-C again quits without saving)", file=sys.stderr, flush=True)
 
 
-def checkpoint_state(cfg, model, meta, step, best_val, elapsed):
-    """What best.pt holds: enough to sample from and to describe the run."""
-    return {"model_args": dataclasses.asdict(model.config), "model": model.state_dict(), "tokenizer": meta,
-            "iter_num": step, "best_val_loss": best_val, "elapsed_s": elapsed,
-            "train_config": dataclasses.asdict(cfg)}
+def save_checkpoints(cfg, model, optimizer, scaler, meta, step, best_val, elapsed, val_loss=None):
+    """ckpt.pt: everything --resume needs; and best.pt, the weights alone, when `val_loss` (this step's
+    validation loss, if it was evaluated) is the best so far."""
+    state = {"model_args": dataclasses.asdict(model.config), "model": model.state_dict(), "tokenizer": meta,
+             "iter_num": step, "val_loss": val_loss, "best_val_loss": best_val, "elapsed_s": elapsed,
+             "train_config": dataclasses.asdict(cfg)}
+    if val_loss is not None and val_loss <= best_val:
+        save_checkpoint(Path(cfg.out_dir) / "best.pt", state)
+    save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", state | {"optimizer": optimizer.state_dict(),
+                                                          "scaler": scaler.state_dict()})
 
 
 def duration(seconds):
@@ -487,14 +492,9 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
     # (any seed, any residual mode) scores the same text, so their losses compare directly.
     val_offsets = val_data.offsets((cfg.eval_iters, cfg.batch_size), seed=VALIDATION_SEED)
 
-    def save(step, **extra):
-        """ckpt.pt: everything --resume needs (best.pt is written apart, when validation improves)."""
-        elapsed = elapsed_before + time.time() - t_start
-        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", checkpoint_state(cfg, raw_model, meta, step, best_val, elapsed)
-                        | {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()} | extra)
-
     # --- the loop: evaluate every eval_interval steps, train one step, log every log_interval steps
     t_start = t_last = time.time()
+    elapsed = lambda: elapsed_before + time.time() - t_start  # noqa: E731 (training time over all sessions)
     step_last, val_loss = start_step, None
     for step in range(start_step, cfg.max_iters + 1):
         # On resume the checkpoint was written right after this step's evaluation, already logged.
@@ -507,21 +507,16 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
             gates = gate_statistics(raw_model, val_data.batch(val_offsets[0, :8], device)[0]) if master else {}
             accuracy = f", answer accuracy {scores['answer_accuracy']:.3f}" if "answer_accuracy" in scores else ""
             log(f"iter {step}: val loss {val_loss:.4f} (best {best_val:.4f}){accuracy}" + gate_summary(gates))
-            record(iter=step, **scores, best_val_loss=best_val, diagnostics=gates,
-                   elapsed_s=round(elapsed_before + time.time() - t_start, 2))
+            record(iter=step, **scores, best_val_loss=best_val, diagnostics=gates, elapsed_s=round(elapsed(), 2))
             if master and step > start_step:  # at a fresh step 0 nothing has been trained yet
-                if val_loss <= best_val:
-                    save_checkpoint(Path(cfg.out_dir) / "best.pt",
-                                    checkpoint_state(cfg, raw_model, meta, step, best_val,
-                                                     elapsed_before + time.time() - t_start) | {"val_loss": val_loss})
-                save(step, val_loss=val_loss)
+                save_checkpoints(cfg, raw_model, optimizer, scaler, meta, step, best_val, elapsed(), val_loss)
             t_last, step_last = time.time(), step  # evaluation time is not training time
         if step == cfg.max_iters:
             break
         if stop_requested(stop, step, cfg, distributed, device):
             if step > start_step:
                 if master:
-                    save(step)
+                    save_checkpoints(cfg, raw_model, optimizer, scaler, meta, step, best_val, elapsed())
                 log(f"stopped at iter {step}, saved in {cfg.out_dir}/ckpt.pt; continue with the same command "
                     "and --resume")
             else:
@@ -553,11 +548,10 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
             log(f"iter {step + 1}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {ms_per_step:.1f} ms | "
                 f"{tokens_per_sec / 1000:,.1f}k tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | ETA {eta}")
             record(iter=step + 1, train_loss=train_loss, lr=lr, ms_per_iter=round(ms_per_step, 3),
-                   tokens_per_sec=round(tokens_per_sec), mfu=mfu, elapsed_s=round(elapsed_before + now - t_start, 2))
+                   tokens_per_sec=round(tokens_per_sec), mfu=mfu, elapsed_s=round(elapsed(), 2))
 
-    elapsed = elapsed_before + time.time() - t_start
-    record(iter=cfg.max_iters, done=True, best_val_loss=best_val, final_val_loss=val_loss, elapsed_s=round(elapsed, 2))
-    log(f"done: best val loss {best_val:.4f}, {duration(elapsed)} (checkpoints in {cfg.out_dir}/)")
+    record(iter=cfg.max_iters, done=True, best_val_loss=best_val, final_val_loss=val_loss, elapsed_s=round(elapsed(), 2))
+    log(f"done: best val loss {best_val:.4f}, {duration(elapsed())} (checkpoints in {cfg.out_dir}/)")
     if master:
         run_log.close()
     return best_val

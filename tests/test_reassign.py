@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV
-from data.reassign.prepare import (CHARS, ReassignConfig, generate_example, generate_lines, prepare, program_of,
+from data.reassign.prepare import (CHARS, ReassignConfig, generate_example, generate_lines, main, prepare, program_of,
                                    shortcut_accuracies)
 
 FILES = ("train.bin", "val.bin", "meta.json", "train_answers.bin", "val_answers.bin")
@@ -150,31 +150,48 @@ def test_no_val_program_occurs_in_train(tmp_path):
 
 # --- the command line ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--variables=0"], "--variables=0: the names are the letters a-z; use 1 to 26"),
-    (["--variables=27"], "--variables=27: "),
-    (["--variables=5", "--statements=4"], "--statements=4 is fewer than --variables=5"),
-    (["--chain_depth=-1"], "--chain_depth=-1: use 0"),
-    (["--copy_share=1.5"], "--copy_share=1.5: it is a probability"),
-    (["--train_examples=0"], "--train_examples=0: use 1 or more"),
-    (["--statements=many"], "--statements='many': expected int"),
-    (["--variabels=3"], "did you mean --variables?"),
-    (["--variables=1", "--statements=1", "--val_examples=3000", "--train_examples=100"], "too few distinct programs"),
-], ids=["no_variables", "more_variables_than_letters", "fewer_statements_than_variables", "negative_depth",
-        "share_above_one", "no_examples", "not_a_number", "misspelled", "too_few_programs"])
-def test_bad_settings_exit_with_one_error_line_and_write_nothing(tmp_path, arguments, message):
-    result = subprocess.run([sys.executable, "data/reassign/prepare.py", f"--out_dir={tmp_path / 'out'}", *arguments],
-                            cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=60)
+BAD_SETTINGS = {
+    "no_variables": (["--variables=0"], "--variables=0: the names are the letters a-z; use 1 to 26"),
+    "more_variables_than_letters": (["--variables=27"], "--variables=27: the names are the letters a-z"),
+    "fewer_statements_than_variables": (["--variables=5", "--statements=4"],
+                                        "--statements=4 is fewer than --variables=5"),
+    "negative_depth": (["--chain_depth=-1"], "--chain_depth=-1: use 0"),
+    "share_above_one": (["--copy_share=1.5"], "--copy_share=1.5: it is a probability"),
+    "no_examples": (["--train_examples=0"], "--train_examples=0: use 1 or more"),
+    "not_a_number": (["--statements=many"], "--statements='many': expected int"),
+    "misspelled": (["--variabels=3"], "did you mean --variables?"),
+    "too_few_programs": (["--variables=1", "--statements=1", "--val_examples=3000", "--train_examples=100"],
+                         "too few distinct programs"),
+}
+
+
+def run_prepare_script(*arguments):
+    return subprocess.run([sys.executable, "data/reassign/prepare.py", *arguments], cwd=REPO, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("case", ["no_variables", "more_variables_than_letters", "fewer_statements_than_variables"])
+def test_a_bad_setting_on_the_command_line_exits_with_one_error_line_and_no_traceback(tmp_path, case):
+    arguments, message = BAD_SETTINGS[case]
+    result = run_prepare_script(f"--out_dir={tmp_path / 'out'}", *arguments)
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_every_bad_setting_exits_naming_the_setting_and_the_fix_and_writes_nothing(tmp_path, case):
+    arguments, message = BAD_SETTINGS[case]
+    with pytest.raises(SystemExit) as stopped:   # what the command line prints and exits with
+        main([f"--out_dir={tmp_path / 'out'}", *arguments])
+    assert stopped.value.code.startswith("error: ") and "\n" not in stopped.value.code
+    assert message in stopped.value.code
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_command_line_writes_every_file_into_out_dir(tmp_path):
-    result = subprocess.run([sys.executable, "data/reassign/prepare.py", f"--out_dir={tmp_path}", "--train_examples=50",
-                             "--val_examples=20", "--seed=3"], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True,
-                            text=True, timeout=60)
+    result = run_prepare_script(f"--out_dir={tmp_path}", "--train_examples=50", "--val_examples=20", "--seed=3")
     assert result.returncode == 0, result.stderr
     assert all((tmp_path / file).is_file() for file in FILES)
     assert json.loads((tmp_path / "meta.json").read_text())["task"]["seed"] == 3

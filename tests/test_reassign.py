@@ -12,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+from configurator import read_config_file
 from conftest import REPO, SUBPROCESS_ENV
-from data.reassign.prepare import (CHARS, ReassignConfig, generate_example, generate_lines, main, prepare, program_of,
-                                   shortcut_accuracies)
+from data.reassign.prepare import (CHARS, ReassignConfig, answers_array, generate_example, generate_lines, main,
+                                   prepare, program_of, shortcut_accuracies)
 
 FILES = ("train.bin", "val.bin", "meta.json", "train_answers.bin", "val_answers.bin")
 
@@ -146,6 +147,17 @@ def test_no_val_program_occurs_in_train(tmp_path):
     assert not train & val
     unfiltered = generate_lines(random.Random(0), ReassignConfig(**task), 2000)
     assert any(program_of(line) in val for line in unfiltered)   # the separation is not luck
+
+
+@pytest.mark.parametrize("preset, whole_lines", [("reassign.py", 2), ("reassign_cpu.py", 1)])
+def test_every_window_of_a_preset_scores_whole_lines_of_the_default_task(preset, whole_lines):
+    block_size = read_config_file(REPO / "config" / preset)["block_size"]
+    rng, cfg = random.Random(0), ReassignConfig()
+    answers = answers_array([generate_example(rng, cfg) for _ in range(20)])
+    positions = np.arange(block_size)
+    scored = [np.count_nonzero((marks > 0) & (positions + 1 >= marks))   # the scorer's rule, target p at i + 1 + p
+              for marks in (answers[i + 1:i + 1 + block_size] for i in range(len(answers) - block_size))]
+    assert min(scored) >= whole_lines * cfg.variables
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class ReassignConfig:
     statements: int = 12            # assignments per program
     chain_depth: int = 3            # most copies between a literal and a variable holding its value
     copy_share: float = 0.6         # chance that a statement copies a variable (when a copy is allowed)
-    train_examples: int = 500_000   # config/reassign.py's 2000 steps see each line about once
+    train_examples: int = 750_000   # config/reassign.py's 3000 steps see each line about once
     val_examples: int = 10_000
     seed: int = 1337
     out_dir: str = ""               # default: this folder (data/reassign)

@@ -14,8 +14,9 @@ import pytest
 
 from configurator import read_config_file
 from conftest import REPO, SUBPROCESS_ENV
-from data.reassign.prepare import (CHARS, ReassignConfig, answers_array, generate_example, generate_lines, main,
-                                   prepare, program_of, shortcut_accuracies)
+import data.reassign.prepare as reassign
+from data.reassign.prepare import (CHARS, ReassignConfig, answer_depths, answer_positions, answers_array,
+                                   generate_example, generate_lines, main, prepare, program_of, shortcut_accuracies)
 
 FILES = ("train.bin", "val.bin", "meta.json", "train_answers.bin", "val_answers.bin")
 
@@ -78,8 +79,15 @@ def test_no_value_goes_through_more_copies_than_chain_depth(depth):
 def test_copies_keep_the_value_of_copy_time_so_following_references_fails_often():
     rng = random.Random(3)
     shortcuts = shortcut_accuracies([generate_example(rng, ReassignConfig()) for _ in range(2000)])
-    assert shortcuts["copies_as_references"] < 0.75   # a quarter of the answers or more need the erased-and-kept value
-    assert shortcuts["digit_of_the_line"] < shortcuts["latest_literal"] < 0.7
+    assert shortcuts["copies_as_references"] < 0.75   # a quarter of the answers or more need the value of copy time
+    assert shortcuts["digit_of_the_line"] < shortcuts["latest_literal"] < 0.7   # and literals alone do not suffice
+
+
+def test_the_docstring_example_has_the_answers_positions_and_depths_it_states():
+    line = "d=4;k=d;d=7;q=k;k=1;?k=1,d=7,q=4\n"
+    assert line.strip() in reassign.__doc__
+    assert [line[i] for i in answer_positions(line)] == ["1", "7", "4"]
+    assert answer_depths(line) == [0, 0, 2]   # q=k copied k's copy of d's 4
 
 
 def test_shortcut_accuracies_of_a_worked_example():
@@ -200,6 +208,14 @@ def test_every_bad_setting_exits_naming_the_setting_and_the_fix_and_writes_nothi
     assert stopped.value.code.startswith("error: ") and "\n" not in stopped.value.code
     assert message in stopped.value.code
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_error_line(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as stopped:
+        main([f"--out_dir={tmp_path / 'a_file'}", "--train_examples=10", "--val_examples=10"])
+    assert stopped.value.code.startswith(f"error: --out_dir={tmp_path / 'a_file'}: cannot write there")
+    assert "\n" not in stopped.value.code
 
 
 def test_the_command_line_writes_every_file_into_out_dir(tmp_path):

@@ -206,11 +206,14 @@ def prepare(cfg):
         "val_answers_by_depth": [depths[d] for d in range(max(depths) + 1)],
         "val_shortcut_accuracies": shortcut_accuracies(val),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name, (ids, answers) in splits.items():
-        write_atomically(out / f"{name}.bin", ids.tobytes())
-        write_atomically(out / f"{name}_answers.bin", answers.tobytes())
-    write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it complete
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, (ids, answers) in splits.items():
+            write_atomically(out / f"{name}.bin", ids.tobytes())
+            write_atomically(out / f"{name}_answers.bin", answers.tobytes())
+        write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it complete
+    except OSError as error:
+        raise ConfigError(f"--out_dir={out}: cannot write there ({error.strerror}); choose a writable folder") from None
     print(f"{out}: {cfg.train_examples:,} train and {cfg.val_examples:,} val examples "
           f"({meta['train_tokens']:,} and {meta['val_tokens']:,} tokens, {meta['val_answers']:,} val answers, "
           f"by chain depth {meta['val_answers_by_depth']}), vocabulary {coder.vocab_size}\n"

@@ -146,6 +146,12 @@ def test_the_same_seed_writes_identical_files_and_another_seed_different_ones(tm
     assert all(files["first"][file] != files["other"][file] for file in ("train.bin", "val.bin"))
 
 
+def test_val_does_not_change_with_the_number_of_training_examples(tmp_path):
+    small_dataset(tmp_path / "fewer", train_examples=100)
+    small_dataset(tmp_path / "more", train_examples=300)
+    assert (tmp_path / "fewer" / "val.bin").read_bytes() == (tmp_path / "more" / "val.bin").read_bytes()
+
+
 def test_no_val_program_occurs_in_train(tmp_path):
     # One variable, two literal statements: 2,600 programs, so independent draws would repeat val ones.
     task = dict(variables=1, statements=2, chain_depth=0)

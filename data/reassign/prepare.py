@@ -160,8 +160,10 @@ def shortcut_accuracies(lines):
 
 
 def generate_lines(rng, cfg, count, excluded=frozenset()):
-    """`count` lines whose programs are not in `excluded` (a set of programs)."""
+    """`count` lines whose programs (which alone decide the answers) are not in `excluded`."""
     lines, redrawn = [], 0
+    # A draw lands in `excluded` as often as those programs are likely; where they are most of what the
+    # settings can produce, redrawing would crawl or never end, so it stops with a message instead.
     while len(lines) < count:
         line = generate_example(rng, cfg)
         if program_of(line) in excluded:

@@ -165,7 +165,12 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write (disk full, file too large) as a RuntimeError of its zip
+        # writer, raised while the OSError is being handled
+        error = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(error, OSError):
+            raise
         raise CheckpointError(f"could not write {path} ({error.strerror or error}); the previous checkpoint "
                               "there, if any, is intact. Free some space or fix the folder, then --resume") from None
     finally:

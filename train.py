@@ -208,13 +208,21 @@ def open_dataset(cfg):
         raise TrainingError(f"dataset {cfg.dataset!r} is not prepared: {folder}/meta.json is missing. Run: {how}")
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        int(meta["vocab_size"]), meta["tokenizer"]
+        vocab_size, tokenizer = meta["vocab_size"], meta["tokenizer"]
+        if type(vocab_size) is not int or not 1 <= vocab_size <= 2**16 or tokenizer not in ("char", "gpt2"):
+            raise ValueError
     except (ValueError, KeyError, TypeError):
         raise TrainingError(f"{folder}/meta.json is damaged; prepare the dataset again") from None
     for split in ("train", "val"):
         if not (folder / f"{split}.bin").is_file():
             raise TrainingError(f"{folder}/{split}.bin is missing; prepare the dataset again")
-    return meta, TokenFile(folder / "train.bin", cfg.block_size), TokenFile(folder / "val.bin", cfg.block_size)
+    splits = [TokenFile(folder / f"{split}.bin", cfg.block_size) for split in ("train", "val")]
+    for split, data in zip(("train", "val"), splits):  # one pass over each file; an id past the vocabulary would crash
+        if data.tokens.max() >= meta["vocab_size"]:
+            raise TrainingError(f"{folder}/{split}.bin holds token id {data.tokens.max()}, outside the vocabulary of "
+                                f"{meta['vocab_size']} in meta.json: the files do not belong together; prepare the "
+                                "dataset again")
+    return meta, *splits
 
 
 # ----------------------------------------------------------------------------------------------

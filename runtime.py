@@ -117,7 +117,10 @@ def check_memory(config, batch_size, device, fix):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
         return
-    needed = training_memory_gb(config, batch_size)
+    try:
+        needed = training_memory_gb(config, batch_size)
+    except OverflowError:  # sizes such as --n_embd=1e200
+        needed = float("inf")
     if needed > 0.8 * available:
         raise UserError(f"this run needs about {needed:.0f} GB of memory and this machine has {available:.0f} GB: "
                         f"it is sized for a GPU. {fix}")

@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import FALSE, TRUE, ConfigError, UserError, fields_of, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig, gate_statistics
-from runtime import (autocast_for, compile_blocker, device_name, load_checkpoint, model_from_checkpoint,
-                     peak_tflops, pick_device, pick_dtype, save_checkpoint)
+from runtime import (autocast_for, check_memory, compile_blocker, device_name, load_checkpoint,
+                     model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint)
 
 VALIDATION_SEED = 1337  # picks the fixed validation windows, the same for every run
 
@@ -430,10 +430,12 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
         log(f"nothing to do: {cfg.out_dir}/ckpt.pt is at iter {start_step} and max_iters is {cfg.max_iters} "
             "(raise --max_iters to train on)")
         return state["best_val_loss"]
+    meta, train_data, val_data = open_dataset(cfg)
+    check_memory(GPTConfig(vocab_size=meta["vocab_size"], **fields_of(GPTConfig, dataclasses.asdict(cfg))),
+                 cfg.batch_size, device, "Lower --batch_size or --block_size (or the model's size), or train on a GPU.")
     if master:
         check_writable(cfg.out_dir)
         lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held until the process ends)
-    meta, train_data, val_data = open_dataset(cfg)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
 
     # --- the model, its optimizer, and where the run starts

@@ -84,7 +84,7 @@ def read_config_file(path):
     namespace = {}
     try:
         exec(compile(Path(path).read_text(encoding="utf-8"), str(path), "exec"), namespace)
-    except Exception as error:  # a config file is user input: any failure in it is the user's to fix
+    except (Exception, SystemExit) as error:  # a config file is user input: any failure in it is the user's to fix
         line = getattr(error, "lineno", None) or next(
             (frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__))
              if frame.filename == str(path)), "?")

@@ -182,7 +182,7 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):  # unlike Path.is_file, never raises (a name too long is simply not there)
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...), or check --out_dir")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -133,8 +133,9 @@ def resolve_config(argv):
     cfg = TrainConfig(**overrides)
     check_settings(cfg)
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.resume == "no" or (cfg.resume == "auto" and not ckpt_path.exists()):
-        if ckpt_path.exists():
+    exists = os.path.exists(ckpt_path)  # False, not an OSError, for a name the system refuses (too long)
+    if cfg.resume == "no" or (cfg.resume == "auto" and not exists):
+        if exists:
             raise TrainingError(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir "
                                 "(or delete that folder) to start afresh")
         return cfg, None

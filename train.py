@@ -117,7 +117,7 @@ def check_settings(cfg):
     if cfg.gpu_peak_tflops is not None and cfg.gpu_peak_tflops <= 0:
         raise ConfigError(f"--gpu_peak_tflops={cfg.gpu_peak_tflops}: must be positive, or None")
     if cfg.resume not in ("no", "yes", "auto"):
-        raise ConfigError(f"--resume={cfg.resume}: expected no, yes (or a bare --resume) or auto")
+        raise ConfigError(f"--resume={cfg.resume!r}: expected no, yes (or a bare --resume) or auto")
     try:
         GPTConfig(vocab_size=1, **fields_of(GPTConfig, dataclasses.asdict(cfg)))
     except ValueError as error:  # the model's own checks: modes, head sizes, beta_init, ...

@@ -433,7 +433,7 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
         return state["best_val_loss"]
     meta, train_data, val_data = open_dataset(cfg)
     check_memory(GPTConfig(vocab_size=meta["vocab_size"], **fields_of(GPTConfig, dataclasses.asdict(cfg))),
-                 cfg.batch_size, device, "Lower --batch_size or --block_size (or the model's size), or train on a GPU.")
+                 cfg.batch_size, device, "Lower --batch_size, --block_size, --n_layer or --n_embd, or train on a GPU.")
     if master:
         check_writable(cfg.out_dir)
         lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held until the process ends)

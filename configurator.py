@@ -84,7 +84,7 @@ def read_config_file(path):
     namespace = {}
     try:
         exec(compile(Path(path).read_text(encoding="utf-8"), str(path), "exec"), namespace)
-    except Exception as error:  # a config file is user input: any failure in it is the user's to fix
+    except (Exception, SystemExit) as error:  # a config file is user input: any failure in it is the user's to fix
         line = getattr(error, "lineno", None) or next(
             (frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__))
              if frame.filename == str(path)), "?")
@@ -157,6 +157,13 @@ def run_cli(main, cls, doc, argv):
     except OSError as error:  # the machine's trouble, not a bug: say which file and why
         where = f"{error.filename}: " if error.filename else ""
         sys.exit(f"error: {where}{error.strerror or error}")
+    except (MemoryError, RuntimeError) as error:  # torch reports running out of memory as a RuntimeError
+        text = (str(error).strip() or type(error).__name__).splitlines()[0]
+        if not isinstance(error, MemoryError) and not any(
+                words in text for words in ("out of memory", "allocate memory", "not enough memory")):
+            raise
+        sys.exit(f"error: out of memory ({text[:300]}); use smaller settings (batch size, context length, "
+                 "model size, evaluation batches) or a machine with more memory")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -117,7 +117,10 @@ def check_memory(config, batch_size, device, fix):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
         return
-    needed = training_memory_gb(config, batch_size)
+    try:
+        needed = training_memory_gb(config, batch_size)
+    except OverflowError:  # sizes such as --n_embd=1e200
+        needed = float("inf")
     if needed > 0.8 * available:
         raise UserError(f"this run needs about {needed:.0f} GB of memory and this machine has {available:.0f} GB: "
                         f"it is sized for a GPU. {fix}")
@@ -165,7 +168,12 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write (disk full, file too large) as a RuntimeError of its zip
+        # writer, raised while the OSError is being handled
+        error = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(error, OSError):
+            raise
         raise CheckpointError(f"could not write {path} ({error.strerror or error}); the previous checkpoint "
                               "there, if any, is intact. Free some space or fix the folder, then --resume") from None
     finally:
@@ -174,7 +182,7 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):  # unlike Path.is_file, never raises (a name too long is simply not there)
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...), or check --out_dir")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import FALSE, TRUE, ConfigError, UserError, fields_of, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig, gate_statistics
-from runtime import (autocast_for, compile_blocker, device_name, load_checkpoint, model_from_checkpoint,
-                     peak_tflops, pick_device, pick_dtype, save_checkpoint)
+from runtime import (autocast_for, check_memory, compile_blocker, device_name, load_checkpoint,
+                     model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint)
 
 VALIDATION_SEED = 1337  # picks the fixed validation windows, the same for every run
 
@@ -124,7 +124,7 @@ def check_settings(cfg):
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"--compile_mode={cfg.compile_mode}: expected one of {', '.join(COMPILE_MODES)}")
     if cfg.resume not in ("no", "yes", "auto"):
-        raise ConfigError(f"--resume={cfg.resume}: expected no, yes (or a bare --resume) or auto")
+        raise ConfigError(f"--resume={cfg.resume!r}: expected no, yes (or a bare --resume) or auto")
     try:
         GPTConfig(vocab_size=1, **fields_of(GPTConfig, dataclasses.asdict(cfg)))
     except ValueError as error:  # the model's own checks: modes, head sizes, beta_init, ...
@@ -140,8 +140,9 @@ def resolve_config(argv):
     cfg = TrainConfig(**overrides)
     check_settings(cfg)
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.resume == "no" or (cfg.resume == "auto" and not ckpt_path.exists()):
-        if ckpt_path.exists():
+    exists = os.path.exists(ckpt_path)  # False, not an OSError, for a name the system refuses (too long)
+    if cfg.resume == "no" or (cfg.resume == "auto" and not exists):
+        if exists:
             raise TrainingError(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir "
                                 "(or delete that folder) to start afresh")
         return cfg, None
@@ -215,13 +216,21 @@ def open_dataset(cfg):
         raise TrainingError(f"dataset {cfg.dataset!r} is not prepared: {folder}/meta.json is missing. Run: {how}")
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        int(meta["vocab_size"]), meta["tokenizer"]
+        vocab_size, tokenizer = meta["vocab_size"], meta["tokenizer"]
+        if type(vocab_size) is not int or not 1 <= vocab_size <= 2**16 or tokenizer not in ("char", "gpt2"):
+            raise ValueError
     except (ValueError, KeyError, TypeError):
         raise TrainingError(f"{folder}/meta.json is damaged; prepare the dataset again") from None
     for split in ("train", "val"):
         if not (folder / f"{split}.bin").is_file():
             raise TrainingError(f"{folder}/{split}.bin is missing; prepare the dataset again")
-    return meta, TokenFile(folder / "train.bin", cfg.block_size), TokenFile(folder / "val.bin", cfg.block_size)
+    splits = [TokenFile(folder / f"{split}.bin", cfg.block_size) for split in ("train", "val")]
+    for split, data in zip(("train", "val"), splits):  # one pass over each file; an id past the vocabulary would crash
+        if data.tokens.max() >= meta["vocab_size"]:
+            raise TrainingError(f"{folder}/{split}.bin holds token id {data.tokens.max()}, outside the vocabulary of "
+                                f"{meta['vocab_size']} in meta.json: the files do not belong together; prepare the "
+                                "dataset again")
+    return meta, *splits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,10 +443,12 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
         log(f"nothing to do: {cfg.out_dir}/ckpt.pt is at iter {start_step} and max_iters is {cfg.max_iters} "
             "(raise --max_iters to train on)")
         return state["best_val_loss"]
+    meta, train_data, val_data = open_dataset(cfg)
+    check_memory(GPTConfig(vocab_size=meta["vocab_size"], **fields_of(GPTConfig, dataclasses.asdict(cfg))),
+                 cfg.batch_size, device, "Lower --batch_size, --block_size, --n_layer or --n_embd, or train on a GPU.")
     if master:
         check_writable(cfg.out_dir)
         lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held until the process ends)
-    meta, train_data, val_data = open_dataset(cfg)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
 
     # --- the model, its optimizer, and where the run starts

@@ -110,11 +110,14 @@ def encode(texts, tokenizer):
 
 def write_atomically(path, data):
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", out_dir=""):
@@ -142,10 +145,14 @@ def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", ou
         "source": str(input), "train_files": [n for n, _ in documents if n not in held] if held else [],
         "val_files": held, "split": "by file" if held else f"by position ({1 - val_fraction:.0%} train)",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "train.bin", train_ids.tobytes())
-    write_atomically(out / "val.bin", val_ids.tobytes())
-    write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it complete
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / "train.bin", train_ids.tobytes())
+        write_atomically(out / "val.bin", val_ids.tobytes())
+        write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it complete
+    except OSError as error:
+        raise DataError(f"cannot write the dataset into {out} ({error.strerror or error}); choose a folder you can "
+                        "write to with --out_dir, or free some space") from None
     print(f"{out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"{coder.kind} tokenizer, vocabulary {coder.vocab_size:,}, split {meta['split']}")
     return meta

@@ -98,9 +98,9 @@ class CausalSelfAttention(nn.Module):
         k = self.k_norm(apply_rotary(k, cos, sin))                  # (B, nh, T, hd)
         if cache is not None:  # generation: the keys and values of the positions before these come first
             k, v = cache.extend(self, k, v)                         # 2 x (B, nh, S, hd), S = past + T
-        S = k.size(2)  # causal mask for queries that are the last T of S positions; None: the square one
-        mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        S = k.size(2)  # the T queries are the last T of S positions: a causal mask unless T is 1 or S
+        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
         return self.c_proj(y)                                       # (B, T, C)

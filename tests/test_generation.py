@@ -1,13 +1,21 @@
 """
 Generation with the KV cache (GPT.forward_cached, GPT.stream) against the uncached reference (GPT.forward),
-in every residual mode.
+in every residual mode; and sample.py: streaming, the loaded-checkpoint line, bad settings, Ctrl-C.
 """
+
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL, tiny_gpt
+from configurator import run_cli
+from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL, tiny_gpt
 from ddl_gpt import KVCache
+from runtime import load_checkpoint, model_from_checkpoint
+from sample import SampleConfig, main, new_text
+from tokenizer import from_meta
 
 GENERATION_MODES = {
     "add": dict(residual="add"),
@@ -78,3 +86,77 @@ def test_temperature_zero_takes_the_likeliest_token():
     torch.manual_seed(0)
     assert torch.equal(model.generate(idx, max_new_tokens=10, temperature=0),
                        model.generate(idx, max_new_tokens=10, top_k=1))
+
+
+def test_incremental_decoding_holds_back_a_character_split_across_gpt2_tokens(gpt2_tokenizer):
+    text = "Zoë 日本語 🙂 ok"
+    ids, shown, pieces = gpt2_tokenizer.encode(text), "", []
+    for n in range(1, len(ids) + 1):
+        piece = new_text(gpt2_tokenizer, ids[:n], shown)
+        shown += piece
+        pieces.append(piece)
+    assert shown == text and "\ufffd" not in shown
+    assert "" in pieces   # some token ended inside a character and was held back
+
+
+# --- sample.py -----------------------------------------------------------------------------------
+
+def run_sample_script(*arguments):
+    return subprocess.run([sys.executable, "sample.py", *arguments], cwd=REPO, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sample_script_says_which_checkpoint_it_loaded_and_prints_the_greedy_continuation(trained_run):
+    result = run_sample_script(f"--out_dir={trained_run}", "--start=The delta", "--max_new_tokens=20",
+                               "--num_samples=1", "--temperature=0", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    state = load_checkpoint(trained_run / "best.pt")
+    first = result.stderr.splitlines()[0]
+    assert first == (f"loaded {trained_run / 'best.pt'}: iter {state['iter_num']}, val loss {state['val_loss']:.4f}, "
+                     "residual=delta, d_v=1")
+    tokenizer, model = from_meta(state["tokenizer"]), model_from_checkpoint(state).eval()
+    reference = model.generate(torch.tensor([tokenizer.encode("The delta")]), 20, temperature=0, use_cache=False)
+    assert result.stdout == tokenizer.decode(reference[0].tolist()) + "\n" + "-" * 40 + "\n"
+
+
+def test_sample_script_with_no_new_tokens_prints_the_prompt(trained_run, capsys):
+    main([f"--out_dir={trained_run}", "--start=The delta", "--max_new_tokens=0", "--num_samples=1", "--device=cpu"])
+    assert capsys.readouterr().out == "The delta\n" + "-" * 40 + "\n"
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("--num_samples=0", "num_samples"),
+    ("--temperature=-1", "temperature"),
+    ("--top_k=0", "top_k"),
+    ("--checkpoint=latest", "checkpoint"),
+    ("--start=FILE:missing.txt", "missing.txt"),
+    ("NON_UTF8_PROMPT", "UTF-8"),
+    ("--max_new_tokens=-5", "max_new_tokens"),
+], ids=["num_samples_0", "temperature_negative", "top_k_0", "unknown_checkpoint", "missing_prompt_file",
+        "non_utf8_prompt_file", "max_new_tokens_negative"])
+def test_a_bad_sample_setting_is_one_error_line_before_any_checkpoint_is_read(setting, named, tmp_path, capsys):
+    if setting == "NON_UTF8_PROMPT":
+        (tmp_path / "latin1.txt").write_bytes("Zoë".encode("latin-1"))
+        setting = f"--start=FILE:{tmp_path / 'latin1.txt'}"
+    no_run = tmp_path / "no-such-run"   # were a checkpoint read first, the error would be about this folder
+    with pytest.raises(SystemExit) as exit:
+        run_cli(main, SampleConfig, "", [f"--out_dir={no_run}", setting, "--device=cpu"])
+    message = str(exit.value.code)
+    assert message.startswith("error: ") and "\n" not in message and named in message
+    assert "no-such-run" not in message
+    assert capsys.readouterr().out == ""
+
+
+def test_ctrl_c_while_sampling_keeps_the_partial_sample_and_exits_130_in_one_line(trained_run):
+    process = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained_run}", "--start=The",
+                                "--max_new_tokens=1000000", "--device=cpu"],
+                               cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        streamed = process.stdout.read(10)   # the prompt and a few tokens, flushed as they come
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert streamed.startswith("The") and (streamed + rest).endswith("\n")
+    assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr

@@ -17,7 +17,9 @@ What is in this file, top to bottom:
   trailing axis of 1, so that one code path serves every d_v; d_v > 1 is the paper's expanded state,
   read through learned per-feature mixes (`Compress`) and started from the embedding by an optional
   causal token convolution ("EC");
-- `residual`: "add" (x + F(x)), "delta" (DDL) or "write" (x + beta*v*k, the erase-free ablation).
+- `residual`: "add" (x + F(x)), "delta" (DDL) or "write" (x + beta*v*k, the erase-free ablation);
+- generation, with a cache of attention's keys and values (`KVCache`, `GPT.forward_cached`) beside
+  `GPT.forward`, which stays the reference that computes every position from scratch.
 """
 
 import math
@@ -93,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)                    # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -101,8 +103,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         q = self.q_norm(apply_rotary(q, cos, sin))                  # (B, nh, T, hd)
         k = self.k_norm(apply_rotary(k, cos, sin))                  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)  # (B, nh, T, hd)
+        if cache is not None:  # generation: the keys and values of the positions before these come first
+            k, v = cache.extend(self, k, v)                         # 2 x (B, nh, S, hd), S = past + T
+        S = k.size(2)  # the T queries are the last T of S positions: a causal mask unless T is 1 or S
+        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
         return self.c_proj(y)                                       # (B, T, C)
 
@@ -227,8 +233,9 @@ class Block(nn.Module):
         self.update_attn = DeltaUpdate(config) if delta else None
         self.update_mlp = DeltaUpdate(config) if delta else None
 
-    def forward(self, X, cos, sin):
+    def forward(self, X, cos, sin, cache=None):
         """Attention, then the MLP; each reads the state, and its output h is written back into it.
+        `cache` (generation only): the KVCache that attention reads earlier positions from and adds to.
 
         With residual="add" this is nanoGPT's pre-norm block, x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))
         (pinned by tests/test_model.py::test_additive_mode_is_an_ordinary_pre_norm_gpt). The other modes
@@ -236,7 +243,7 @@ class Block(nn.Module):
         """
         x_in = self.compress(X)                             # (B, T, d)  read the state
         c = self.ln_1(x_in)                                 # (B, T, d)  normalize
-        h = self.attn(c, cos, sin)                          # (B, T, d)  sublayer output
+        h = self.attn(c, cos, sin, cache)                   # (B, T, d)  sublayer output
         if self.residual == "add":
             X = X + self.drop(h).to(X.dtype).unsqueeze(-1)  # (B, T, d, 1)    x <- x + h
         else:
@@ -250,6 +257,25 @@ class Block(nn.Module):
         else:
             X = self.update_mlp(X, x_in, c, h)              # (B, T, d, d_v)
         return X
+
+
+class KVCache:
+    """What generation keeps of the positions seen, so that a new token costs one position's work: per
+    attention layer the keys (after rotary and the k-norm) and values, and the last taps - 1 embeddings for
+    Expand's convolution. The state needs none: a position's depends on its token and what attention reads."""
+
+    def __init__(self):
+        self.kv = {}      # attention module -> (k, v), each (B, nh, length, hd)
+        self.tail = None  # (B, <= taps - 1, d): the latest embeddings
+        self.length = 0   # positions seen
+
+    def extend(self, attn, k, v):
+        """All of attn's keys and values so far, with k, v (B, nh, T, hd) of T new positions appended."""
+        if attn in self.kv:
+            past_k, past_v = self.kv[attn]
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # 2 x (B, nh, length + T, hd)
+        self.kv[attn] = (k, v)
+        return k, v
 
 
 class GPT(nn.Module):
@@ -336,19 +362,55 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens. `vocab_limit` keeps padded-vocabulary
-        ids that no tokenizer can decode out of the sample. The context is cropped to block_size."""
+    def forward_cached(self, idx, cache):
+        """The last position's logits (B, 1, vocab) for tokens idx (B, T) that follow the cache.length positions
+        in `cache`, which takes them in. Equals forward on the whole sequence (in eval mode: no dropout)."""
+        B, T = idx.size()
+        start = cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start} cached + {T} new positions is longer than block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
+        e = self.transformer.wte(idx)                                              # (B, T, d)
+        e = e if cache.tail is None else torch.cat((cache.tail, e), dim=1)         # (B, <= taps - 1 + T, d)
+        cache.tail = e[:, -(Expand.taps - 1):]                                     # (B, <= taps - 1, d)
+        X = self.transformer.expand(e)[:, -T:]                 # (B, T, d, d_v): only the new tokens' states
+        for block in self.transformer.h:
+            X = block(X, cos, sin, cache)                      # (B, T, d, d_v)
+        cache.length += T
+        x = self.transformer.ln_f(self.transformer.readout(X[:, -1:]))  # (B, 1, d)
+        return self.lm_head(x).float()                                   # (B, 1, vocab)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, use_cache=True):
+        """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens). See stream."""
+        new = self.stream(idx, max_new_tokens, temperature, top_k, vocab_limit, use_cache)
+        return torch.cat((idx, *new), dim=1)                            # (B, T + max_new_tokens)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, use_cache=True):
+        """Yield max_new_tokens sampled tokens (B, 1), one at a time, that continue idx (B, T); temperature=0
+        is greedy. `vocab_limit` keeps padded-vocabulary ids that no tokenizer can decode out of the sample.
+        The model sees the last block_size tokens. use_cache: the context is read once, then each new token
+        adds one position to a KVCache; once block_size are cached, each further token re-reads the last
+        block_size tokens into a fresh cache, like the uncached path (a shift moves every position)."""
+        cache = None
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]                  # (B, <= block_size)
-            logits, _ = self(context)                                   # (B, 1, vocab)
+            if not use_cache:
+                logits, _ = self(context)                               # (B, 1, vocab)
+            elif cache is None or cache.length == self.config.block_size:
+                cache = KVCache()
+                logits = self.forward_cached(context, cache)            # (B, 1, vocab)
+            else:
+                logits = self.forward_cached(idx[:, -1:], cache)        # (B, 1, vocab)
             logits = logits[:, -1, :vocab_limit] / max(temperature, 1e-6)  # (B, vocab)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            next_id = (logits.argmax(dim=-1, keepdim=True) if temperature == 0 else
+                       torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)                      # (B, T + 1)
-        return idx
+            yield next_id
 
 
 @torch.no_grad()

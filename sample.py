@@ -30,13 +30,13 @@ class SampleConfig:
     checkpoint: str = "best"       # "best" (lowest validation loss) or "ckpt" (the latest)
     start: str = ""                # the prompt, or FILE:path to read it; "" starts from a newline
                                    # (characters) or <|endoftext|> (GPT-2), i.e. unprompted
-    num_samples: int = 3
+    num_samples: int = 3           # how many samples, each printed as it is generated
     max_new_tokens: int = 500      # 0 prints the prompt alone
     temperature: float = 0.8       # < 1 sharpens the distribution, > 1 flattens it; 0 takes the likeliest token
     top_k: int | None = 200        # sample only among the k likeliest tokens; None: all of them
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
+    seed: int = 1337               # the sampling draws follow from it
+    device: str = "auto"           # auto picks cuda > mps > cpu
+    dtype: str = "auto"            # auto: bfloat16 on GPUs that have it, else float32
     bench: bool = False            # tokens/s with and without the KV cache (random baby-GPT weights unless --out_dir)
 
 

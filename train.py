@@ -122,7 +122,7 @@ def check_settings(cfg):
     if cfg.gpu_peak_tflops is not None and cfg.gpu_peak_tflops <= 0:
         raise ConfigError(f"--gpu_peak_tflops={cfg.gpu_peak_tflops}: must be positive, or None")
     if cfg.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"--compile_mode={cfg.compile_mode}: expected one of {', '.join(COMPILE_MODES)}")
+        raise ConfigError(f"--compile_mode={cfg.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     if cfg.resume not in ("no", "yes", "auto"):
         raise ConfigError(f"--resume={cfg.resume!r}: expected no, yes (or a bare --resume) or auto")
     try:

@@ -302,8 +302,6 @@ def test_a_bad_input_ends_in_one_error_line_naming_it(context, script, build, na
         assert snapshot(context.run_dir) == run_before, "a refused resume must leave the run's files as they were"
 
 
-@pytest.mark.xfail(reason="sample.py does not check these settings here; its rewrite in another worktree does",
-                   strict=False)
 @pytest.mark.parametrize("argument", ["--num_samples=-1", "--top_k=0", "--temperature=-1"])
 def test_sample_settings_out_of_range_end_in_one_error_line(trained_run, argument):
     assert_one_error_line(cli("sample.py", [f"--out_dir={trained_run}", "--max_new_tokens=2", argument]),
@@ -403,9 +401,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning():
 
 @pytest.mark.parametrize("script", [
     "train.py", "bench.py", "data/prepare.py",
-    pytest.param("sample.py", marks=pytest.mark.xfail(
-        reason="SampleConfig's num_samples, seed, device and dtype have no comment (sample.py is edited elsewhere)",
-        strict=False))])
+    "sample.py"])
 def test_every_setting_has_a_help_comment(script):
     helps = field_help(CONFIGS[script])
     missing = [f.name for f in dataclasses.fields(CONFIGS[script]) if not helps.get(f.name)]

@@ -434,6 +434,9 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
                           f"the {world} processes (each runs an equal share of the micro-batches)")
     micro_steps = cfg.gradient_accumulation_steps // world
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.compile_mode in ("reduce-overhead", "max-autotune") and micro_steps > 1:
+        raise ConfigError(f"--compile_mode={cfg.compile_mode} (CUDA graphs) does not work with "
+                          f"{micro_steps} micro-batches per step; use --compile_mode=default or auto")
     blocker = compile_blocker(device)
     if cfg.compile and blocker:
         raise ConfigError(f"--compile=True: {blocker}; use --compile=False")
@@ -489,8 +492,10 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
         # CUDA graphs replay a whole step in one launch: at the baby GPT's size, where launching kernels
         # takes longer than running them, that is a third off the step. Under DDP they would capture
         # the gradient hooks, so several processes keep the default mode.
+        # With several micro-batches per step the graphs' reused output buffers are overwritten
+        # before the accumulated backward is done with them, so accumulation keeps the default mode.
         mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
-            "reduce-overhead" if device.type == "cuda" and not distributed else "default")
+            "reduce-overhead" if device.type == "cuda" and not distributed and micro_steps == 1 else "default")
         log(f"compiling the model (torch.compile, mode {mode}): the first evaluation and steps take longer")
         model = torch.compile(model, mode=mode)
     if distributed:

@@ -192,3 +192,24 @@ def test_a_missing_dataset_in_the_default_data_folder_is_named_by_its_dataset_na
     cfg = TrainConfig(**tiny_run_settings(dict(data_dir="data", dataset="surely_absent"), tmp_path / "out"))
     with pytest.raises(TrainingError, match="--name=surely_absent"):
         train(cfg)
+
+
+# --- diagnostics ----------------------------------------------------------------------------------
+
+def test_each_evaluation_logs_the_gates_of_every_layer_and_sublayer(trained_run):
+    """The tiny run is a 2-layer delta model: per layer an [attention, MLP] pair of each gate statistic."""
+    evaluations = [entry for _, entry in logged(trained_run, "diagnostics")]
+    assert len(evaluations) == 3                                     # iterations 0, 2 and 4
+    for diagnostics in evaluations:
+        assert len(diagnostics["state_rms"]) == 2 and all(rms > 0 for rms in diagnostics["state_rms"])
+        for key in ("beta_mean", "beta_std", "rewrite"):
+            assert [len(pair) for pair in diagnostics[key]] == [2, 2]
+        assert all(0 < beta < 2 for pair in diagnostics["beta_mean"] for beta in pair)
+
+
+def test_cuda_graphs_with_several_micro_batches_per_step_are_refused_before_training(char_data, tmp_path):
+    settings = tiny_run_settings(char_data, tmp_path / "run", compile_mode="reduce-overhead",
+                                 gradient_accumulation_steps=2)
+    with pytest.raises(ConfigError, match="compile_mode=reduce-overhead.*micro-batches"):
+        run_training(settings)
+    assert not (tmp_path / "run").exists()

@@ -51,6 +51,25 @@ def tiny_gpt(seed=0, **overrides):
     return GPT(GPTConfig(**TINY_MODEL | overrides))
 
 
+def random_tokens(batch=2, length=TINY_MODEL["block_size"], seed=0):
+    return torch.randint(TINY_MODEL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def all_logits(model, idx):
+    """Logits at every position (B, T, vocab): forward returns them only when given targets."""
+    return model(idx, idx)[0]
+
+
+@torch.no_grad()
+def perturb(model, seed=1):
+    """Move every parameter away from its init, so that identity-started pieces (the EC convolution,
+    the compressor mixes, unit gains) are as general as after training and every map is distinct."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def tiny_text(lines=200, seed=0):
     """A few kilobytes of deterministic English-like text (about 35 distinct characters)."""
     words = ("the a delta rule writes reads stream residual gate value key model token learns "

@@ -9,30 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MODES, TINY_MODEL, tiny_gpt
+from conftest import MODES, TINY_MODEL, all_logits, perturb, random_tokens, tiny_gpt
 from ddl_gpt import GPTConfig
 
 each_mode = pytest.mark.parametrize("mode", list(MODES.values()), ids=list(MODES))
 VOCAB, T = TINY_MODEL["vocab_size"], TINY_MODEL["block_size"]
-
-
-def random_tokens(batch=2, length=T, seed=0):
-    return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def all_logits(model, idx):
-    """Logits at every position (B, T, vocab): forward returns them only when given targets."""
-    return model(idx, idx)[0]
-
-
-@torch.no_grad()
-def perturb(model, seed=1):
-    """Move every parameter away from its init, so that identity-started pieces (the EC convolution,
-    the compressor mixes) are as general as after training."""
-    generator = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 @pytest.mark.parametrize("mode", [dict(residual="add"), dict(residual="delta"),

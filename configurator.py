@@ -107,13 +107,16 @@ def parse_overrides(cls, argv):
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
             key = key.replace("-", "_")
-            bare = fields[key].metadata.get("bare", "True") if key in fields else "True"
-            if key in fields and not sep and field_type(fields[key])[0] is not bool and "bare" not in fields[key].metadata:
-                raise ConfigError(f"--{key} needs a value: --{key}=VALUE (only on/off settings stand alone)")
-            if key in fields and sep and value == "" and fields[key].default not in ("", None):
+            field = fields.get(key)
+            if not sep:  # a bare --flag: True for on/off settings, or the value the field names for it
+                bare = field.metadata.get("bare") if field else "True"
+                if field and bare is None and field_type(field)[0] is not bool:
+                    raise ConfigError(f"--{key} needs a value: --{key}=VALUE (only on/off settings stand alone)")
+                value = bare or "True"
+            elif field and value == "" and field.default not in ("", None):
                 raise ConfigError(f"--{key}= is empty; give a value, or leave it out for the default "
-                                  f"({fields[key].default!r})")
-            raw[key] = value if sep else bare
+                                  f"({field.default!r})")
+            raw[key] = value
     overrides = {}
     for key, value in raw.items():
         if key not in fields:

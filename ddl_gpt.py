@@ -78,9 +78,10 @@ def rotary_tables(head_dim, length, base):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x[i], x[i + hd/2]) of x (B, nh, T, hd) by the angles of their position."""
-    x1, x2 = x.float().chunk(2, dim=-1)                                  # 2 x (B, nh, T, hd/2)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hd)
+    """Rotate pairs (x[i], x[i + hd/2]) of x (B, T, nh, hd) by the angles of their position (cos, sin: (T, hd/2))."""
+    cos, sin = cos[:, None, :], sin[:, None, :]                          # 2 x (T, 1, hd/2): the same for every head
+    x1, x2 = x.float().chunk(2, dim=-1)                                  # 2 x (B, T, nh, hd/2)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, nh, hd)
     return out.type_as(x)
 
 
@@ -97,12 +98,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)                    # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        q = self.q_norm(apply_rotary(q, cos, sin))                  # (B, nh, T, hd)
-        k = self.k_norm(apply_rotary(k, cos, sin))                  # (B, nh, T, hd)
+        q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim).split(self.n_head, dim=2)  # 3 x (B, T, nh, hd)
+        # rotary and the norms act on the last axis; in this layout they read memory in order (faster than after
+        # the transpose), and one transpose then puts the heads first for attention
+        q = self.q_norm(apply_rotary(q, cos, sin)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(apply_rotary(k, cos, sin)).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.transpose(1, 2)                                       # (B, nh, T, hd)
         if cache is not None:  # generation: the keys and values of the positions before these come first
             k, v = cache.extend(self, k, v)                         # 2 x (B, nh, S, hd), S = past + T
         S = k.size(2)  # the T queries are the last T of S positions: a causal mask unless T is 1 or S
@@ -161,10 +162,12 @@ class DeltaUpdate(nn.Module):
         h = h.float()
         k = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps**2)                   # (B, T, d)
         beta = 2 * torch.sigmoid((c.float() * self.gate_weight).sum(-1) + self.gate_bias)  # (B, T)
-        if self.linear_value:
-            v = self.value_proj(c).float()                                              # (B, T, d_v)
-        else:
-            v = 4 * torch.sigmoid(self.value_proj(x_in).float())                        # (B, T, d_v)
+        # W_v source + b_v written as a product and a sum over d (like the gate), not a matrix product: with an
+        # output of only d_v columns, torch.compile then fuses it with its neighbours instead of calling a GEMV
+        source = c if self.linear_value else x_in
+        v = (source.float().unsqueeze(-1) * self.value_proj.weight.t()).sum(-2) + self.value_proj.bias  # (B, T, d_v)
+        if not self.linear_value:
+            v = 4 * torch.sigmoid(v)                                                    # (B, T, d_v)
         return k, beta, v
 
     def forward(self, X, x_in, c, h):

@@ -18,7 +18,8 @@ import torch
 
 from configurator import ConfigError, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig
-from runtime import autocast_for, check_memory, compile_blocker, device_name, peak_tflops, pick_device, pick_dtype
+from runtime import (autocast_for, check_memory, compile_blocker, device_name, kernel_blocker, peak_tflops, pick_device,
+                     pick_dtype, use_kernels)
 
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class BenchConfig:
     compile: bool | None = None       # torch.compile; None: on CUDA where Triton exists
     state_dtype: str = "float32"      # the residual state's storage: float32 or bfloat16
     compile_mode: str = "auto"        # torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, as train.py
+    fused: bool | None = None         # delta writes in ddl_kernels.py's fused kernel; None: when not compiling
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 
 
@@ -45,6 +47,7 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=cfg.vocab_size, residual=residual, d_v=d_v,
                           state_dtype=cfg.state_dtype)).to(device)
+    fused, _ = use_kernels(model, cfg.fused, use_compile)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
     mode = cfg.compile_mode if cfg.compile_mode != "auto" else "reduce-overhead" if device.type == "cuda" else "default"
     step_model = torch.compile(model, mode=mode) if use_compile else model
@@ -71,7 +74,7 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
         if i >= cfg.warmup:
             times.append(time.time() - t0)
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times), memory, t_compile, model.flops_per_token(), model.num_params()
+    return statistics.median(times), memory, t_compile, model.flops_per_token(), model.num_params(), fused
 
 
 def parse_modes(text):
@@ -102,6 +105,10 @@ def main(argv):
         raise ConfigError(str(error)) from None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    for residual, d_v in modes:
+        blocker = kernel_blocker(device, dataclasses.replace(shape, residual=residual, d_v=d_v))
+        if cfg.fused and blocker and residual != "add":
+            raise ConfigError(f"--fused=True: {blocker}; use --fused=False")
     check_memory(shape, cfg.batch_size, device, "Lower --batch_size and --block_size, or run it on a GPU.")
     blocker = compile_blocker(device)
     if cfg.compile and blocker:
@@ -113,15 +120,17 @@ def main(argv):
           f"d={cfg.n_embd} {cfg.n_head} heads, T={cfg.block_size}, B={cfg.batch_size}", flush=True)
     rows, reference = [], None
     for residual, d_v in modes:
-        seconds, memory, t_compile, flops, params = bench_mode(cfg, residual, d_v, device, dtype, use_compile)
+        seconds, memory, t_compile, flops, params, fused = bench_mode(cfg, residual, d_v, device, dtype, use_compile)
         tokens_per_sec = cfg.batch_size * cfg.block_size / seconds
         reference = reference or tokens_per_sec
         mfu = f"{100 * flops * tokens_per_sec / (peak * 1e12):.1f}%" if peak else "-"
-        rows.append(f"| {residual} d_v={d_v} | {params / 1e6:.2f}M | {1000 * seconds:.1f} | {tokens_per_sec / 1000:,.1f}k | "
-                    f"{mfu} | {memory:.1f} GiB | {tokens_per_sec / reference:.2f}x | {t_compile:.0f} s |")
+        path = "-" if residual == "add" else "fused" if fused else "plain"
+        rows.append(f"| {residual} d_v={d_v} | {path} | {params / 1e6:.2f}M | {1000 * seconds:.1f} | "
+                    f"{tokens_per_sec / 1000:,.1f}k | {mfu} | {memory:.1f} GiB | {tokens_per_sec / reference:.2f}x | "
+                    f"{t_compile:.0f} s |")
         print(rows[-1], flush=True)
-    print("\n| mode | params | ms/step | tokens/s | MFU | peak memory | throughput vs first | first step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| mode | delta writes | params | ms/step | tokens/s | MFU | peak memory | throughput vs first | first step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

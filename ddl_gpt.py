@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ddl_kernels
+
 RESIDUAL_MODES = ("add", "delta", "write")
 DROPOUT_PLACES = ("write", "h")
 VALUE_MAPS = ("sigmoid", "linear")
@@ -98,7 +100,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim).split(self.n_head, dim=2)  # 3 x (B, T, nh, hd)
+        qkv = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim)  # (B, T, 3 nh, hd)
+        q, k, v = qkv.split(self.n_head, dim=2)                           # 3 x (B, T, nh, hd)
         # rotary and the norms act on the last axis; in this layout they read memory in order (faster than after
         # the transpose), and one transpose then puts the heads first for attention
         q = self.q_norm(apply_rotary(q, cos, sin)).transpose(1, 2)  # (B, nh, T, hd)
@@ -156,23 +159,34 @@ class DeltaUpdate(nn.Module):
         # is the other choice, measured against this one in the README.
         self.drop = nn.Dropout(config.dropout)
         self.drop_h = config.dropout_at == "h"
+        self.use_kernel = False  # GPT.use_kernels turns the fused GPU kernel on where it can run
 
     def coefficients(self, x_in, c, h, eps=1e-5):
         """k (B, T, d), beta (B, T) and v (B, T, d_v) of the equation above, in fp32."""
         h = h.float()
         k = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps**2)                   # (B, T, d)
+        return (k, *self.gate_and_value(x_in, c))
+
+    def gate_and_value(self, x_in, c):
+        """beta (B, T) and v (B, T, d_v), in fp32."""
         beta = 2 * torch.sigmoid((c.float() * self.gate_weight).sum(-1) + self.gate_bias)  # (B, T)
-        # W_v source + b_v written as a product and a sum over d (like the gate), not a matrix product: with an
-        # output of only d_v columns, torch.compile then fuses it with its neighbours instead of calling a GEMV
         source = c if self.linear_value else x_in
-        v = (source.float().unsqueeze(-1) * self.value_proj.weight.t()).sum(-2) + self.value_proj.bias  # (B, T, d_v)
+        if self.value_proj.out_features == 1:
+            # W_v source + b_v with one output: as a product and a sum over d, like the gate, torch.compile fuses
+            # it with its neighbours (a matrix product would be a separate matrix-vector call, ~3% of the step)
+            v = (source.float() * self.value_proj.weight[0]).sum(-1, keepdim=True) + self.value_proj.bias  # (B, T, 1)
+        else:
+            v = self.value_proj(source).float()                                         # (B, T, d_v)
         if not self.linear_value:
             v = 4 * torch.sigmoid(v)                                                    # (B, T, d_v)
-        return k, beta, v
+        return beta, v
 
     def forward(self, X, x_in, c, h):
         if self.drop_h:
             h = self.drop(h)                                                            # (B, T, d)
+        if self.use_kernel and ddl_kernels.available(X) and (self.drop_h or self.drop.p == 0 or not self.training):
+            # the same equation as below, in one fused GPU kernel (ddl_kernels.py); the plain code is the reference
+            return ddl_kernels.delta_write(X, h, *self.gate_and_value(x_in, c), erase=self.erase)  # (B, T, d, d_v)
         k, beta, v = self.coefficients(x_in, c, h)
         if self.erase:
             v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v): v - kᵀX
@@ -326,6 +340,16 @@ class GPT(nn.Module):
             elif isinstance(module, DeltaUpdate):
                 nn.init.normal_(module.gate_weight, mean=0.0, std=s)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.02)
+
+    def use_kernels(self, on=True):
+        """Run the delta writes through ddl_kernels.py's fused kernel where it can (CUDA with Triton, d_v in
+        1, 2, 4, 8, no dropout on the write while training); elsewhere, and with on=False, the plain code runs.
+        Returns whether the kernel will run on `device`."""
+        for module in self.modules():
+            if isinstance(module, DeltaUpdate):
+                module.use_kernel = on
+        probe = torch.empty(0, 1, 1, self.config.d_v, device=next(self.parameters()).device)
+        return on and self.config.residual != "add" and ddl_kernels.available(probe)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

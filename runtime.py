@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import ddl_kernels
 from configurator import UserError
 from ddl_gpt import GPT, GPTConfig
 
@@ -86,6 +87,32 @@ def compile_blocker(device):
     if device.type == "mps":
         return "torch.compile does not support MPS well yet"
     return None
+
+
+def kernel_blocker(device, config):
+    """Why ddl_kernels.py's fused delta write cannot run for this model here, or None if it can."""
+    if config.residual == "add":
+        return "residual=add has no delta write"
+    if not ddl_kernels.available(torch.empty(0, 1, 1, config.d_v, device=device)):
+        return (f"the fused delta write runs on CUDA with Triton, for d_v in 1, 2, 4, 8 "
+                f"(here: {device.type}, d_v={config.d_v})")
+    return None
+
+
+def use_kernels(model, fused, compiled):
+    """Turn the fused delta write (ddl_kernels.py) on or off. fused=None picks it where it can run and the model
+    is not compiled: torch.compile fuses the plain code with its neighbours, which measured faster (README).
+    Returns whether the kernel runs, and the line that says which code runs the writes."""
+    if model.config.residual == "add":
+        return model.use_kernels(False), "residual=add: no delta writes"
+    blocker = kernel_blocker(next(model.parameters()).device, model.config)
+    on = model.use_kernels(fused is True or (fused is None and blocker is None and not compiled))
+    if not on:
+        why = blocker if blocker and fused is None else "fused by torch.compile" if compiled else ""
+        return False, "delta writes: plain PyTorch (ddl_gpt.py)" + (f"; {why}" if why else "")
+    partly = model.config.dropout > 0 and model.config.dropout_at == "write"
+    return True, "delta writes: fused Triton kernel (ddl_kernels.py)" + (
+        "; in evaluation only, since training drops elements of the write (dropout)" if partly else "")
 
 
 def peak_tflops(device, override=None):

@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import FALSE, TRUE, ConfigError, UserError, fields_of, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig, gate_statistics
-from runtime import (autocast_for, check_memory, compile_blocker, device_name, load_checkpoint,
-                     model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint)
+from runtime import (autocast_for, check_memory, compile_blocker, device_name, kernel_blocker, load_checkpoint,
+                     model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint, use_kernels)
 
 VALIDATION_SEED = 1337  # picks the fixed validation windows, the same for every run
 
@@ -81,6 +81,7 @@ class TrainConfig:
     dtype: str = "auto"                # auto: bfloat16 on GPUs that have it, float16 on older CUDA GPUs, else float32
     compile: bool | None = None        # torch.compile; None: on CUDA where Triton exists, off elsewhere
     compile_mode: str = "auto"         # torch.compile mode; auto: reduce-overhead (CUDA graphs) on one GPU, else default
+    fused: bool | None = None          # delta writes in one fused GPU kernel (ddl_kernels.py); None: when not compiling
     ddp_bucket_mb: int = 25            # under torchrun: gradients are averaged in buckets of this size while backward runs
     seed: int = 1337                   # every random draw of the run follows from it
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from runtime.PEAK_TFLOPS
@@ -441,6 +442,9 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
     if cfg.compile and blocker:
         raise ConfigError(f"--compile=True: {blocker}; use --compile=False")
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and blocker is None
+    blocker = kernel_blocker(device, GPTConfig(vocab_size=1, **fields_of(GPTConfig, dataclasses.asdict(cfg))))
+    if cfg.fused and blocker:
+        raise ConfigError(f"--fused=True: {blocker}; use --fused=False")
     start_step = state["iter_num"] if state is not None else 0
     if start_step >= cfg.max_iters:
         log(f"nothing to do: {cfg.out_dir}/ckpt.pt is at iter {start_step} and max_iters is {cfg.max_iters} "
@@ -487,6 +491,7 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
     record(iter=start_step, run={"config": dataclasses.asdict(cfg), "device": device_name(device), "world": world,
                                  "dtype": dtype, "compile": use_compile, "torch": torch.__version__})
 
+    log(use_kernels(model, cfg.fused, use_compile)[1])
     raw_model = model
     if use_compile:
         # CUDA graphs replay a whole step in one launch: at the baby GPT's size, where launching kernels

@@ -24,6 +24,12 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken").is_dir(
 
 sys.path.insert(0, str(REPO))
 
+# Without a GPU, tests/test_kernels.py runs the fused kernel on the CPU through Triton's interpreter.
+# Triton reads this switch once, when it is first imported, so it is set here, before anything imports it;
+# the subprocesses the tests start do not get it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from data.prepare import prepare  # noqa: E402
 from ddl_gpt import GPT, GPTConfig  # noqa: E402
 from tokenizer import GPT2Tokenizer, TokenizerError  # noqa: E402
@@ -32,7 +38,7 @@ from train import TrainConfig, train  # noqa: E402
 # Models this small run several times faster on one thread than on two competing ones; the
 # subprocesses the tests start (sample.py, torchrun) get the same setting through the environment.
 torch.set_num_threads(1)
-SUBPROCESS_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
 
 TINY_MODEL = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 

@@ -1,0 +1,121 @@
+"""
+A fused GPU kernel for the delta write, the one operation where DDL differs from addition.
+
+    X_new = X + beta * k ⊗ (v - kᵀX),   k = h / sqrt(|h|^2 + eps^2)   (residual="write": without - kᵀX)
+
+`DeltaUpdate.forward` in ddl_gpt.py is the reference; this file computes the same thing with one read and
+one write of the state per token, forward and backward, instead of the several passes that separate
+PyTorch operations make when nothing fuses them (no torch.compile). Under torch.compile the plain code is
+faster on an H200: Inductor fuses the write with the norms and reads around it, which a hand-written
+kernel prevents (README, Performance). So train.py uses this kernel only where it does not compile.
+
+It runs only on CUDA, where Triton comes with PyTorch, and only for d_v in (1, 2, 4, 8); everywhere
+else ddl_gpt.py runs its plain PyTorch code. tests/test_kernels.py checks values and gradients against it.
+
+The backward, for one token, with g = dL/dX_new and e = v - kᵀX:
+    u = kᵀg (d_v);  dL/dv = beta u;  dL/dbeta = e·u;  dL/dX = g - beta k ⊗ u
+    dL/dk = beta g e - beta X u;  dL/dh = (dL/dk - k (k·dL/dk)) / sqrt(|h|^2 + eps^2)
+(residual="write" has e = v and drops both "- beta ... u" terms.)
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only PyTorch builds do not ship Triton: ddl_gpt.py then uses its plain path
+    triton = None
+
+def _launch_shape(D, DV):
+    """BLOCK_D (the width padded to a power of two, as Triton's blocks need) and warps for one token's state."""
+    block_d = triton.next_power_of_2(D)
+    return block_d, min(16, max(4, block_d * DV // 256))
+
+
+def available(X):
+    """Whether the fused kernel can run on the state X (B, T, d, d_v)."""
+    return triton is not None and X.is_cuda and X.size(-1) in (1, 2, 4, 8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_token(X, H, BETA, V, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, eps2):
+        """This program's token n: its state x (BLOCK_D, DV), direction k, 1/|h|, gate and e = v - kᵀx, in fp32,
+        with the offsets and mask of its state. BLOCK_D is the width padded to a power of two, masked off."""
+        n = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)                                 # (BLOCK_D,)
+        j = tl.arange(0, DV)                                      # (DV,)
+        offs = n * D * DV + d[:, None] * DV + j[None, :]          # (BLOCK_D, DV)
+        mask = (d < D)[:, None] & (j < DV)[None, :]               # (BLOCK_D, DV)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+        beta = tl.load(BETA + n)
+        v = tl.load(V + n * DV + j)
+        rinv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
+        k = h * rinv                                              # (BLOCK_D,)
+        if ERASE:
+            e = v - tl.sum(k[:, None] * x, axis=0)                # (DV,)
+        else:
+            e = v
+        return n, d, j, offs, mask, x, k, rinv, beta, e
+
+    @triton.jit
+    def _forward_kernel(X, H, BETA, V, X_OUT, D, eps2,
+                        DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr):
+        n, d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, D, DV, BLOCK_D, ERASE, eps2)
+        x_new = x + (beta * k)[:, None] * e[None, :]
+        tl.store(X_OUT + offs, x_new.to(X_OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(X, H, BETA, V, G, DX, DH, DBETA, DV_OUT, D, eps2,
+                         DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr):
+        n, d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, D, DV, BLOCK_D, ERASE, eps2)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.sum(k[:, None] * g, axis=0)                        # (DV,)
+        dk = beta * tl.sum(g * e[None, :], axis=1)                # (BLOCK_D,)
+        if ERASE:
+            dx = g - (beta * k)[:, None] * u[None, :]
+            dk -= beta * tl.sum(x * u[None, :], axis=1)
+        else:
+            dx = g
+        dh = rinv * (dk - k * tl.sum(k * dk, axis=0))
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DH + n * D + d, dh.to(DH.dtype.element_ty), mask=d < D)
+        tl.store(DBETA + n, tl.sum(e * u, axis=0))
+        tl.store(DV_OUT + n * DV + j, beta * u)
+
+
+def _launch(D, DV):
+    """BLOCK_D (the width padded to a power of two, as Triton's blocks need) and warps for one token's state."""
+    block_d = triton.next_power_of_2(D)
+    return dict(BLOCK_D=block_d, num_warps=min(16, max(4, block_d * DV // 256)))
+
+
+class DeltaWrite(torch.autograd.Function):
+    """X_new (B, T, d, d_v) from X (B, T, d, d_v), h (B, T, d), beta (B, T) and v (B, T, d_v); one program per token."""
+
+    @staticmethod
+    def forward(ctx, X, h, beta, v, erase, eps):
+        X, h, beta, v = X.contiguous(), h.contiguous(), beta.float().contiguous(), v.float().contiguous()
+        B, T, D, DV = X.shape
+        X_new = torch.empty_like(X)                                   # (B, T, d, d_v)
+        _forward_kernel[(B * T,)](X, h, beta, v, X_new, D, eps * eps, DV=DV, ERASE=erase, **_launch(D, DV))
+        ctx.save_for_backward(X, h, beta, v)
+        ctx.erase, ctx.eps = erase, eps
+        return X_new
+
+    @staticmethod
+    def backward(ctx, g):
+        X, h, beta, v = ctx.saved_tensors
+        B, T, D, DV = X.shape
+        dX, dh = torch.empty_like(X), torch.empty_like(h)              # (B, T, d, d_v), (B, T, d)
+        dbeta, dv = torch.empty_like(beta), torch.empty_like(v)        # (B, T), (B, T, d_v)
+        _backward_kernel[(B * T,)](X, h, beta, v, g.contiguous(), dX, dh, dbeta, dv, D, ctx.eps * ctx.eps,
+                                   DV=DV, ERASE=ctx.erase, **_launch(D, DV))
+        return dX, dh, dbeta, dv, None, None
+
+
+def delta_write(X, h, beta, v, erase=True, eps=1e-5):
+    """X + beta * k ⊗ (v - kᵀX) with k = h / sqrt(|h|^2 + eps^2), fused: (B, T, d, d_v). See DeltaWrite."""
+    return DeltaWrite.apply(X, h, beta, v, erase, eps)

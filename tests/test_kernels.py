@@ -1,0 +1,141 @@
+"""
+The fused delta write (ddl_kernels.py) against the plain PyTorch code it replaces (ddl_gpt.py), and the
+switch between them. The kernel runs on a CUDA GPU; without one these tests run it through Triton's
+interpreter on the CPU (TRITON_INTERPRET=1), and without Triton at all they are skipped, except the
+ones that check the plain path is what runs then.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import ddl_kernels
+from conftest import random_tokens, tiny_gpt
+from ddl_gpt import DeltaUpdate, GPTConfig
+from runtime import use_kernels
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (CPU-only PyTorch)")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """Where the kernel runs: the GPU, or the CPU through Triton's interpreter (conftest.py switches it on)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    assert os.environ.get("TRITON_INTERPRET") == "1", "Triton was imported before conftest.py could set it up"
+    monkeypatch.setattr(ddl_kernels, "available", lambda X: X.size(-1) in (1, 2, 4, 8))
+    return torch.device("cpu")
+
+
+def update_inputs(config, device, seed=0, B=2, T=19):
+    """A DeltaUpdate with random parameters, and random X, x_in, c, h for it (width 48: not a power of two,
+    so the kernel's padded block is partly masked)."""
+    torch.manual_seed(seed)
+    update = DeltaUpdate(config).to(device)
+    with torch.no_grad():
+        for p in update.parameters():
+            p.normal_(0.0, 0.5)
+    d, d_v = config.n_embd, config.d_v
+    X = torch.randn(B, T, d, d_v, device=device).to(getattr(torch, config.state_dtype))
+    x_in, c, h = (torch.randn(B, T, d, device=device) for _ in range(3))
+    return update, [X, x_in, c, h]
+
+
+def run_update(update, inputs, use_kernel, seed=1):
+    """Output and the gradients of a random projection of it, for the inputs and the update's parameters."""
+    update.use_kernel = use_kernel
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = update(*inputs)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+    (out.float() * weights).sum().backward()
+    grads = [t.grad for t in inputs] + [p.grad for p in update.parameters()]
+    update.zero_grad(set_to_none=True)
+    return out, grads
+
+
+WRITES = {
+    "delta d_v=1": dict(residual="delta", d_v=1),
+    "delta d_v=4": dict(residual="delta", d_v=4),
+    "write d_v=2": dict(residual="write", d_v=2),
+    "delta d_v=4 linear value": dict(residual="delta", d_v=4, value_map="linear"),
+    "delta d_v=4 bf16 state": dict(residual="delta", d_v=4, state_dtype="bfloat16"),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", WRITES)
+def test_fused_write_equals_the_plain_write_in_values_and_gradients(kernel_device, name):
+    config = GPTConfig(n_embd=48, n_head=2, **WRITES[name])
+    update, inputs = update_inputs(config, kernel_device)
+    plain, plain_grads = run_update(update, inputs, use_kernel=False)
+    fused, fused_grads = run_update(update, inputs, use_kernel=True)
+    assert fused.dtype == plain.dtype == inputs[0].dtype
+    bf16 = config.state_dtype == "bfloat16"
+    # bf16 storage: a sum taken in another order, or Triton's interpreter (which truncates instead of rounding),
+    # can land one bf16 step (2^-7 of the value) away
+    assert torch.allclose(fused.float(), plain.float(), rtol=2**-7 if bf16 else 1e-5, atol=1e-5)
+    names = ["X", "x_in", "c", "h"] + [n for n, _ in update.named_parameters()]
+    for grad_name, a, b in zip(names, fused_grads, plain_grads):
+        assert (a is None) == (b is None), grad_name  # x_in is unused with value_map="linear"
+        if a is not None:
+            scale = max(b.float().abs().max().item(), 1.0)
+            assert (a.float() - b.float()).abs().max().item() <= (2**-7 if bf16 else 1e-5) * scale, grad_name
+
+
+@needs_triton
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_a_model_with_fused_writes_has_the_plain_models_loss_and_gradients(kernel_device, d_v):
+    models = []
+    for fused in (False, True):
+        model = tiny_gpt(residual="delta", d_v=d_v).to(kernel_device)
+        model.use_kernels(fused)
+        idx = random_tokens().to(kernel_device)
+        _, loss = model(idx, idx)
+        loss.backward()
+        models.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = models
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-3), name
+
+
+@no_gpu
+def test_without_a_gpu_the_plain_path_runs_and_says_so(monkeypatch):
+    model = tiny_gpt(residual="delta", d_v=4)
+    fused, line = use_kernels(model, None, compiled=False)
+    assert not fused and "plain PyTorch" in line
+    monkeypatch.setattr(ddl_kernels, "delta_write", lambda *a, **k: pytest.fail("the kernel ran on the CPU"))
+    idx = random_tokens()
+    model(idx, idx)[1].backward()
+
+
+def test_the_kernel_stays_off_while_dropout_acts_on_the_write(monkeypatch):
+    """Training with dropout on the write needs the plain code (the kernel has no dropout); evaluation not."""
+    calls = []
+    monkeypatch.setattr(ddl_kernels, "available", lambda X: True)
+    monkeypatch.setattr(ddl_kernels, "delta_write", lambda X, *a, **k: calls.append(1) or X)
+    model = tiny_gpt(residual="delta", dropout=0.5)
+    model.use_kernels(True)
+    idx = random_tokens()
+    model.train()
+    model(idx, idx)
+    assert calls == []
+    model.eval()
+    model(idx, idx)
+    assert len(calls) == 2 * model.config.n_layer
+
+
+def test_by_default_the_kernel_runs_only_where_the_model_is_not_compiled(monkeypatch):
+    """torch.compile fuses the plain code with its neighbours, which measured faster; eager runs get the kernel."""
+    monkeypatch.setattr(ddl_kernels, "available", lambda X: True)
+    model = tiny_gpt(residual="delta")
+    assert use_kernels(model, None, compiled=False)[0]
+    fused, line = use_kernels(model, None, compiled=True)
+    assert not fused and "torch.compile" in line
+    assert use_kernels(model, True, compiled=True)[0]
+    assert not use_kernels(model, False, compiled=False)[0]
+    assert not use_kernels(tiny_gpt(residual="add"), None, compiled=False)[0]

@@ -424,9 +424,9 @@ class Background:
     def __init__(self):
         self.processes, self.results = {}, {}
 
-    def start(self, name, args, preexec_fn=None, **kwargs):
+    def start(self, name, args, preexec_fn=None, env=SUBPROCESS_ENV, **kwargs):
         self.processes[name] = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, preexec_fn=preexec_fn, **kwargs)
 
     def result(self, name):
@@ -516,6 +516,12 @@ def background(char_data, trained_run, tmp_path_factory):
         full = Path(shutil.copytree(trained_run, tmp / "full"))
         jobs.start("disk full", ["train.py", "--resume", f"--out_dir={full}", "--max_iters=6"],
                    preexec_fn=limit_file_size((full / "ckpt.pt").stat().st_size // 2))
+        # a machine without a C++ compiler (an empty PATH): --compile=True is refused, the default says why it is off
+        no_compiler = SUBPROCESS_ENV | {"PATH": ""}
+        jobs.start("compile without C++", ["train.py", *command_line(tiny_run_settings(
+            char_data, tmp / "no-cxx", compile=True))], env=no_compiler)
+        default_compile = {k: v for k, v in tiny_run_settings(char_data, tmp / "no-cxx-default").items() if k != "compile"}
+        jobs.start("default without C++", ["train.py", *command_line(default_compile)], env=no_compiler)
         # giant settings, in one process under a memory limit
         huge = [command_line(tiny_run_settings(char_data, tmp / f"huge{i}")) + [argument]
                 for i, (argument, _) in enumerate(HUGE_CASES)]
@@ -548,6 +554,16 @@ def test_the_real_command_lines_end_in_one_error_line(background):
         assert result.code == 0 and result.stderr == "" and "settings (default shown):" in result.stdout, result
     assert any(line.split() == ["--n_layer=6", "transformer", "blocks"]
                for line in jobs.result("train --help").stdout.splitlines())
+
+
+def test_without_a_cxx_compiler_compile_is_refused_in_one_line_and_the_default_says_why_it_is_off(background):
+    jobs, tmp, _ = background
+    assert_one_error_line(jobs.result("compile without C++"), "--compile=True", "C++ compiler", "--compile=False")
+    assert not (tmp / "no-cxx").exists()
+    result = jobs.result("default without C++")
+    assert result.code == 0 and "Traceback" not in result.stderr, result
+    assert "compile False (torch.compile on the CPU needs a C++ compiler" in result.stdout.splitlines()[0], result
+    assert logged(tmp / "no-cxx-default", "val_loss")  # and it trained
 
 
 def test_settings_too_large_for_the_machine_are_refused_in_one_line(background):

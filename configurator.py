@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import sys
 import traceback
 import types
@@ -157,6 +158,9 @@ def run_cli(main, cls, doc, argv):
         main(argv)
     except UserError as error:
         sys.exit(f"error: {error}")
+    except BrokenPipeError:  # whoever reads the output stopped reading (python sample.py | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python complains when it flushes at exit
+        sys.exit(128 + 13)  # the status of a pipe writer ended by SIGPIPE, as `yes | head` gives
     except OSError as error:  # the machine's trouble, not a bug: say which file and why
         where = f"{error.filename}: " if error.filename else ""
         sys.exit(f"error: {where}{error.strerror or error}")

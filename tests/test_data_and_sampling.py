@@ -141,6 +141,18 @@ def test_sample_script_continues_the_prompt(trained_run, tmp_path, from_file):
         assert text.startswith(prompt) and len(text) == len(prompt) + 20 + 1   # 20 characters and print's newline
 
 
+def test_sample_script_piped_into_a_reader_that_stops_early_ends_quietly(trained_run):
+    """python sample.py | head -1: no traceback, no error line, and the status of a writer ended by SIGPIPE."""
+    process = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained_run}", "--max_new_tokens=2000",
+                                "--num_samples=50", "--device=cpu"], cwd=REPO, env=SUBPROCESS_ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.stdout.close()  # the reader goes away, as head does after its lines
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "error" not in stderr.lower(), stderr
+
+
 def test_sample_script_rejects_a_prompt_outside_the_vocabulary(trained_run):
     result = run_sample_script(f"--out_dir={trained_run}", "--start=Zoë's €", "--max_new_tokens=5", "--device=cpu")
     assert result.returncode != 0

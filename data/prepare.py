@@ -128,6 +128,9 @@ def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", ou
         raise DataError(f"tokenizer={tokenizer!r}; expected 'char' or 'gpt2'")
     if not out_dir and not name:
         raise DataError("give the dataset a --name (files go to data/NAME/) or an --out_dir")
+    if not out_dir and (Path(name).name != name or name in (".", "..")):
+        raise DataError(f"--name={name!r} must be a plain folder name (files go to data/NAME/); "
+                        "use --out_dir to write somewhere else")
     out = Path(out_dir) if out_dir else ROOT / "data" / name
     documents = read_documents(input)
     train_texts, val_texts, held = split_documents(documents, val_fraction, val_files)

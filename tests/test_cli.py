@@ -280,6 +280,8 @@ CASES = [
     ("prepare tokenizer", "data/prepare.py",
      lambda c: [f"--input={c.file('t.txt', TEXT)}", f"--out_dir={c.out}", "--tokenizer=bpe"], ["tokenizer", "bpe"]),
     ("prepare no name", "data/prepare.py", lambda c: [f"--input={c.file('t.txt', TEXT)}"], ["--name"]),
+    ("prepare name leaves data/", "data/prepare.py", lambda c: [f"--input={c.file('t.txt', TEXT)}", "--name=../x"],
+     ["--name='../x'", "--out_dir"]),
     ("prepare binary input", "data/prepare.py",
      lambda c: [f"--input={c.file('t.txt', BINARY)}", f"--out_dir={c.out}"], ["t.txt", "UTF-8"]),
     ("prepare unwritable out_dir", "data/prepare.py",

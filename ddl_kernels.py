@@ -26,11 +26,6 @@ try:
 except ImportError:  # CPU-only PyTorch builds do not ship Triton: ddl_gpt.py then uses its plain path
     triton = None
 
-def _launch_shape(D, DV):
-    """BLOCK_D (the width padded to a power of two, as Triton's blocks need) and warps for one token's state."""
-    block_d = triton.next_power_of_2(D)
-    return block_d, min(16, max(4, block_d * DV // 256))
-
 
 def available(X):
     """Whether the fused kernel can run on the state X (B, T, d, d_v)."""

@@ -54,14 +54,10 @@ class GPTConfig:
     state_dtype: str = "float32"  # the residual state's storage; "bfloat16" halves its memory traffic
 
     def __post_init__(self):
-        if self.residual not in RESIDUAL_MODES:
-            raise ValueError(f"residual={self.residual!r}; expected one of {RESIDUAL_MODES}")
-        if self.value_map not in VALUE_MAPS:
-            raise ValueError(f"value_map={self.value_map!r}; expected one of {VALUE_MAPS}")
-        if self.state_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"state_dtype={self.state_dtype!r}; expected 'float32' or 'bfloat16'")
-        if self.dropout_at not in DROPOUT_PLACES:
-            raise ValueError(f"dropout_at={self.dropout_at!r}; expected one of {DROPOUT_PLACES}")
+        for name, choices in (("residual", RESIDUAL_MODES), ("value_map", VALUE_MAPS), ("dropout_at", DROPOUT_PLACES),
+                              ("state_dtype", ("float32", "bfloat16"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {choices}")
         if self.d_v < 1:
             raise ValueError(f"d_v={self.d_v}; expected an integer >= 1")
         if self.residual == "add" and self.d_v > 1:
@@ -343,13 +339,10 @@ class GPT(nn.Module):
 
     def use_kernels(self, on=True):
         """Run the delta writes through ddl_kernels.py's fused kernel where it can (CUDA with Triton, d_v in
-        1, 2, 4, 8, no dropout on the write while training); elsewhere, and with on=False, the plain code runs.
-        Returns whether the kernel will run on `device`."""
+        1, 2, 4, 8, no dropout on the write while training); elsewhere, and with on=False, the plain code runs."""
         for module in self.modules():
             if isinstance(module, DeltaUpdate):
                 module.use_kernel = on
-        probe = torch.empty(0, 1, 1, self.config.d_v, device=next(self.parameters()).device)
-        return on and self.config.residual != "add" and ddl_kernels.available(probe)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

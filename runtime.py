@@ -104,9 +104,10 @@ def use_kernels(model, fused, compiled):
     is not compiled: torch.compile fuses the plain code with its neighbours, which measured faster (README).
     Returns whether the kernel runs, and the line that says which code runs the writes."""
     if model.config.residual == "add":
-        return model.use_kernels(False), "residual=add: no delta writes"
+        return False, "residual=add: no delta writes"
     blocker = kernel_blocker(next(model.parameters()).device, model.config)
-    on = model.use_kernels(fused is True or (fused is None and blocker is None and not compiled))
+    on = blocker is None and (fused is True or (fused is None and not compiled))
+    model.use_kernels(on)
     if not on:
         why = blocker if blocker and fused is None else "fused by torch.compile" if compiled else ""
         return False, "delta writes: plain PyTorch (ddl_gpt.py)" + (f"; {why}" if why else "")

@@ -448,17 +448,18 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
         # run of a minute (README, Laptop CPU). Later runs reuse the kernels, cached on disk.
         why_not = f" ({blocker})" if blocker else (" (off by default on the CPU: the first compilation takes "
                                                     "longer than a short run saves; --compile=True turns it on)")
-    blocker = kernel_blocker(device, GPTConfig(vocab_size=1, **fields_of(GPTConfig, dataclasses.asdict(cfg))))
-    if cfg.fused and blocker:
-        raise ConfigError(f"--fused=True: {blocker}; use --fused=False")
+    shape = GPTConfig(vocab_size=1, **fields_of(GPTConfig, dataclasses.asdict(cfg)))  # the model, vocabulary aside
+    no_kernel = kernel_blocker(device, shape)
+    if cfg.fused and no_kernel:
+        raise ConfigError(f"--fused=True: {no_kernel}; use --fused=False")
     start_step = state["iter_num"] if state is not None else 0
     if start_step >= cfg.max_iters:
         log(f"nothing to do: {cfg.out_dir}/ckpt.pt is at iter {start_step} and max_iters is {cfg.max_iters} "
             "(raise --max_iters to train on)")
         return state["best_val_loss"]
     meta, train_data, val_data = open_dataset(cfg)
-    check_memory(GPTConfig(vocab_size=meta["vocab_size"], **fields_of(GPTConfig, dataclasses.asdict(cfg))),
-                 cfg.batch_size, device, "Lower --batch_size, --block_size, --n_layer or --n_embd, or train on a GPU.")
+    check_memory(dataclasses.replace(shape, vocab_size=meta["vocab_size"]), cfg.batch_size, device,
+                 "Lower --batch_size, --block_size, --n_layer or --n_embd, or train on a GPU.")
     if master:
         check_writable(cfg.out_dir)
         lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held until the process ends)

@@ -359,8 +359,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(self.transformer.readout(X))  # (B, T, d)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None     # (B, 1, vocab): only what generation needs
-        logits = self.lm_head(x).float()                  # (B, T, vocab): fp32 for the loss
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        logits = self.lm_head(x)                          # (B, T, vocab), bf16 under autocast
+        # the loss in fp32; the fp32 logits stay inside it (returning them would write a second, 2x larger copy)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -4,9 +4,9 @@ Measure training speed and memory of the residual modes side by side, on random 
     python bench.py                                    # GPT-2 small shape: add, delta, delta d_v=4
     python bench.py --n_layer=6 --n_embd=384 --n_head=6 --block_size=256 --batch_size=64 --modes=add,delta
 
-Each mode runs `warmup` full training steps (forward, backward, AdamW; compiled where train.py would
-compile), then `steps` timed ones; the table gives the median step time, tokens/s, MFU, peak memory,
-and each mode's throughput as a ratio to the first mode's.
+Each mode runs `warmup` full training steps (forward, backward, gradient clipping, AdamW; compiled
+where train.py would compile), then `steps` timed ones; the table gives the median step time,
+tokens/s, MFU, peak memory, and each mode's throughput as a ratio to the first mode's.
 """
 
 import dataclasses
@@ -39,6 +39,7 @@ class BenchConfig:
     state_dtype: str = "float32"      # the residual state's storage: float32 or bfloat16
     compile_mode: str = "auto"        # torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, as train.py
     fused: bool | None = None         # delta writes in ddl_kernels.py's fused kernel; None: when not compiling
+    grad_clip: float = 1.0            # max gradient norm, as in train.py; 0 turns clipping off (nanoGPT's bench.py has none)
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 
 
@@ -65,7 +66,8 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
         with autocast:
             _, loss = step_model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -96,8 +98,9 @@ def main(argv):
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size", "steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: must be at least 1")
-    if cfg.warmup < 0:
-        raise ConfigError(f"--warmup={cfg.warmup}: must not be negative")
+    for key in ("warmup", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: must not be negative")
     try:
         shape = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=cfg.vocab_size, d_v=max(d_v for _, d_v in modes))

@@ -268,6 +268,7 @@ CASES = [
     ("bench fused on cpu", "bench.py", lambda c: ["--modes=add,delta:4", "--device=cpu", "--fused=True"],
      ["--fused=True", "d_v=4", "--fused=False"], no_gpu),
     ("bench steps", "bench.py", lambda c: ["--steps=0"], ["--steps=0"]),
+    ("bench grad_clip", "bench.py", lambda c: ["--grad_clip=-1"], ["--grad_clip=-1", "not be negative"]),
     ("bench heads", "bench.py", lambda c: ["--n_head=5"], ["n_head=5"]),
     ("bench too big for the CPU", "bench.py", lambda c: ["--device=cpu", "--batch_size=100000"],
      ["memory", "--batch_size"]),
@@ -509,6 +510,9 @@ def background(char_data, trained_run, tmp_path_factory):
         jobs.start("train --help", ["train.py", "--help"])
         jobs.start("train bad key", ["train.py", "--n_layers=3", f"--out_dir={tmp / 'bad-key'}"])
         jobs.start("bench bad mode", ["bench.py", "--modes=add,foo", "--device=cpu"])
+        jobs.start("bench tiny", ["bench.py", "--modes=add,delta,write:2", "--device=cpu", "--n_layer=1", "--n_head=2",
+                                  "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=64", "--warmup=1",
+                                  "--steps=2", "--grad_clip=0"])
         jobs.start("sample no ckpt", ["sample.py", f"--out_dir={tmp / 'absent'}"])
         jobs.start("prepare --help", ["data/prepare.py", "--help"])
         jobs.start("prepare no input", ["data/prepare.py", f"--out_dir={tmp / 'data'}"])
@@ -540,6 +544,17 @@ def background(char_data, trained_run, tmp_path_factory):
         yield jobs, tmp, full
     finally:
         jobs.stop_all()
+
+
+def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first(background):
+    jobs, _, _ = background
+    result = jobs.result("bench tiny")
+    assert result.code == 0 and result.stderr == "", result
+    table = result.stdout.split("| mode |")[1].splitlines()[2:]  # the rows after the header and its rule
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in table]
+    assert [row[0] for row in cells] == ["add d_v=1", "delta d_v=1", "write d_v=2"]
+    assert [row[1] for row in cells] == ["-", "plain", "plain"]  # no fused kernel on the CPU
+    assert cells[0][7] == "1.00x" and all(float(row[3]) > 0 for row in cells)
 
 
 def test_the_real_command_lines_end_in_one_error_line(background):

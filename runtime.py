@@ -57,6 +57,8 @@ def pick_device(requested):
         raise UserError(f"--device={requested}: MPS (Apple-silicon GPU) is not available here; use --device=auto")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device={requested}: ddl-gpt runs on cpu, mps or cuda")
+    if device.type != "cuda" and device.index:
+        raise UserError(f"--device={requested}: there is one {device.type} device; use --device={device.type}")
     return device
 
 

@@ -268,6 +268,7 @@ CASES = [
     ("bench fused on cpu", "bench.py", lambda c: ["--modes=add,delta:4", "--device=cpu", "--fused=True"],
      ["--fused=True", "d_v=4", "--fused=False"], no_gpu),
     ("bench steps", "bench.py", lambda c: ["--steps=0"], ["--steps=0"]),
+    ("bench cpu index", "bench.py", lambda c: ["--device=cpu:1"], ["--device=cpu:1", "--device=cpu"]),
     ("bench grad_clip", "bench.py", lambda c: ["--grad_clip=-1"], ["--grad_clip=-1", "not be negative"]),
     ("bench heads", "bench.py", lambda c: ["--n_head=5"], ["n_head=5"]),
     ("bench too big for the CPU", "bench.py", lambda c: ["--device=cpu", "--batch_size=100000"],

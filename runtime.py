@@ -26,6 +26,7 @@ CHECKPOINT_FORMAT = "ddl-gpt/2"
 PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
                ("L40S", 362.0), ("L4", 121.0), ("A10G", 125.0), ("4090", 165.0), ("3090", 71.0)]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CheckpointError(UserError):

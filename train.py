@@ -34,8 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import FALSE, TRUE, ConfigError, UserError, fields_of, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig, gate_statistics
-from runtime import (autocast_for, check_memory, compile_blocker, device_name, kernel_blocker, load_checkpoint,
-                     model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint, use_kernels)
+from runtime import (COMPILE_MODES, autocast_for, check_memory, compile_blocker, device_name, kernel_blocker,
+                     load_checkpoint, model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint,
+                     use_kernels)
 
 VALIDATION_SEED = 1337  # picks the fixed validation windows, the same for every run
 
@@ -87,7 +88,6 @@ class TrainConfig:
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from runtime.PEAK_TFLOPS
 
 
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in TrainConfig.__dataclass_fields__]
 
 

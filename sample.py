@@ -58,6 +58,8 @@ def read_prompt(start):
     """The prompt text: `start` itself, or the contents of the file that FILE:path names."""
     if not start.startswith("FILE:"):
         return start
+    if not start[5:]:
+        raise ConfigError("--start=FILE: names no file; write --start=FILE:path/to/prompt.txt")
     path = Path(start[5:])
     try:
         return path.read_text(encoding="utf-8")
@@ -94,13 +96,13 @@ def sample(cfg, out=None):
     """The generated texts, prompts included; with `out` (a text stream), each is written there as it grows."""
     check(cfg)
     start = read_prompt(cfg.start)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     path = Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"
     state = load_checkpoint(path)
     print(describe(path, state), file=sys.stderr, flush=True)
     tokenizer = from_meta(state["tokenizer"])
     ids = prompt_ids(start, tokenizer)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     model = model_from_checkpoint(state).to(device).eval()
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids)} tokens; the model sees only the last {model.config.block_size}",

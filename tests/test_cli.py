@@ -259,6 +259,8 @@ CASES = [
     ("sample device", "sample.py", lambda c: [f"--out_dir={c.trained}", "--device=tpu"], ["--device", "tpu"]),
     ("sample prompt file", "sample.py", lambda c: [f"--out_dir={c.trained}", f"--start=FILE:{c.tmp / 'absent.txt'}"],
      ["absent.txt", "not found"]),
+    ("sample prompt file unnamed", "sample.py", lambda c: [f"--out_dir={c.trained}", "--start=FILE:"],
+     ["--start=FILE:", "names no file"]),
     ("sample prompt chars", "sample.py", lambda c: [f"--out_dir={c.trained}", "--start=€"], ["vocabulary"]),
     ("sample unknown key", "sample.py", lambda c: ["--temprature=0.5"], ["did you mean --temperature?"]),
     # bench.py

@@ -181,6 +181,8 @@ class TokenFile:
         if path.stat().st_size % 2:
             raise TrainingError(f"{path} is damaged (an odd number of bytes cannot hold uint16 tokens); "
                                 "prepare the dataset again")
+        if path.stat().st_size == 0:  # numpy cannot map an empty file
+            return np.zeros(0, dtype=np.uint16)
         return np.memmap(path, dtype=np.uint16, mode="r")
 
     def offsets(self, shape, seed):

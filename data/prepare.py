@@ -143,6 +143,9 @@ def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", ou
     else:
         coder = GPT2Tokenizer()
     train_ids, val_ids = encode(train_texts, coder), encode(val_texts, coder)
+    if min(len(train_ids), len(val_ids)) < 2:
+        raise DataError(f"{input} gives {len(train_ids)} train and {len(val_ids)} val tokens: too little text to "
+                        "train and validate on; add text")
     meta = coder.meta() | {
         "train_tokens": len(train_ids), "val_tokens": len(val_ids),
         "source": str(input), "train_files": [n for n, _ in documents if n not in held] if held else [],

@@ -37,6 +37,7 @@ from ddl_gpt import GPT, GPTConfig, gate_statistics
 from runtime import (COMPILE_MODES, autocast_for, check_memory, compile_blocker, device_name, kernel_blocker,
                      load_checkpoint, model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint,
                      use_kernels)
+from tokenizer import from_meta
 
 VALIDATION_SEED = 1337  # picks the fixed validation windows, the same for every run
 
@@ -460,6 +461,11 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
             "(raise --max_iters to train on)")
         return state["best_val_loss"]
     meta, train_data, val_data = open_dataset(cfg)
+    if state is not None and from_meta(state["tokenizer"]).meta() != from_meta(meta).meta():
+        raise TrainingError(f"cannot resume on dataset {cfg.dataset!r}: its tokens are not the checkpoint's "
+                            f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}, against "
+                            f"{state['tokenizer']['tokenizer']}, {state['tokenizer']['vocab_size']}); resume with "
+                            f"--dataset={state['train_config']['dataset']} or start afresh in another --out_dir")
     check_memory(dataclasses.replace(shape, vocab_size=meta["vocab_size"]), cfg.batch_size, device,
                  "Lower --batch_size, --block_size, --n_layer or --n_embd, or train on a GPU.")
     if master:

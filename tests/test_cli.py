@@ -166,6 +166,12 @@ def set_vocab(size):
     return damage
 
 
+def reverse_chars(folder):
+    """The same tokens, read as other characters: a dataset that does not belong to a checkpoint of the original."""
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(meta | {"chars": meta["chars"][::-1]}))
+
+
 def truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
@@ -249,6 +255,9 @@ CASES = [
     ("fresh run over a ckpt", "train.py", lambda c: [f"--out_dir={c.run()}"], ["ckpt.pt", "--resume"]),
     ("resume another model", "train.py", lambda c: ["--resume", f"--out_dir={c.run()}", "--n_layer=3"],
      ["different model", "n_layer"]),
+    ("resume on other characters", "train.py",
+     lambda c: ["--resume", f"--out_dir={c.run()}", "--max_iters=8", *command_line(c.dataset(reverse_chars))],
+     ["cannot resume on dataset 'tiny'", "--dataset="]),
     ("resume bad setting", "train.py", lambda c: ["--resume", f"--out_dir={c.run()}", "--max_iters=8", "--min_lr=1"],
      ["--min_lr"]),
     # sample.py

@@ -37,7 +37,6 @@ from ddl_gpt import GPT, GPTConfig, gate_statistics
 from runtime import (COMPILE_MODES, autocast_for, check_memory, compile_blocker, device_name, kernel_blocker,
                      load_checkpoint, model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint,
                      use_kernels)
-from tokenizer import from_meta
 
 VALIDATION_SEED = 1337  # picks the fixed validation windows, the same for every run
 
@@ -207,6 +206,11 @@ class TokenFile:
         back = np.stack([self.answers[i + 1:i + T + 1] for i in offsets.tolist()]).astype(np.int64)  # (B, T)
         position = np.arange(T)[None, :]                                                          # (1, T)
         return torch.from_numpy((back > 0) & (position + 1 >= back)).to(device)                   # (B, T)
+
+
+def token_identity(meta):
+    """What makes token ids mean the same text in two datasets: the tokenizer, its vocabulary, its characters."""
+    return meta.get("tokenizer"), meta.get("vocab_size"), meta.get("chars")
 
 
 def open_dataset(cfg):
@@ -461,7 +465,7 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
             "(raise --max_iters to train on)")
         return state["best_val_loss"]
     meta, train_data, val_data = open_dataset(cfg)
-    if state is not None and from_meta(state["tokenizer"]).meta() != from_meta(meta).meta():
+    if state is not None and token_identity(state["tokenizer"]) != token_identity(meta):
         raise TrainingError(f"cannot resume on dataset {cfg.dataset!r}: its tokens are not the checkpoint's "
                             f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}, against "
                             f"{state['tokenizer']['tokenizer']}, {state['tokenizer']['vocab_size']}); resume with "

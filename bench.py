@@ -18,7 +18,7 @@ import torch
 
 from configurator import ConfigError, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig
-from runtime import (COMPILE_MODES, autocast_for, check_memory, compile_blocker, device_name, kernel_blocker,
+from runtime import (autocast_for, check_memory, check_speed_settings, compile_blocker, device_name, kernel_blocker,
                      peak_tflops, pick_device, pick_dtype, use_kernels)
 
 
@@ -101,10 +101,7 @@ def main(argv):
     for key in ("warmup", "grad_clip"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: must not be negative")
-    if cfg.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"--compile_mode={cfg.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
-    if cfg.gpu_peak_tflops is not None and cfg.gpu_peak_tflops <= 0:
-        raise ConfigError(f"--gpu_peak_tflops={cfg.gpu_peak_tflops}: must be positive, or None")
+    check_speed_settings(cfg.compile_mode, cfg.gpu_peak_tflops)
     try:
         shape = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=cfg.vocab_size, d_v=max(d_v for _, d_v in modes), state_dtype=cfg.state_dtype)

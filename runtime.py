@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import ddl_kernels
-from configurator import UserError
+from configurator import ConfigError, UserError
 from ddl_gpt import GPT, GPTConfig
 
 CHECKPOINT_FORMAT = "ddl-gpt/2"
@@ -90,6 +90,14 @@ def compile_blocker(device):
     if device.type == "mps":
         return "torch.compile does not support MPS well yet"
     return None
+
+
+def check_speed_settings(compile_mode, gpu_peak_tflops):
+    """The checks of --compile_mode and --gpu_peak_tflops that train.py and bench.py share."""
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile_mode={compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if gpu_peak_tflops is not None and gpu_peak_tflops <= 0:
+        raise ConfigError(f"--gpu_peak_tflops={gpu_peak_tflops}: must be positive, or None")
 
 
 def kernel_blocker(device, config):

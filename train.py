@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import FALSE, TRUE, ConfigError, UserError, fields_of, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig, gate_statistics
-from runtime import (COMPILE_MODES, autocast_for, check_memory, compile_blocker, device_name, kernel_blocker,
+from runtime import (autocast_for, check_memory, check_speed_settings, compile_blocker, device_name, kernel_blocker,
                      load_checkpoint, model_from_checkpoint, peak_tflops, pick_device, pick_dtype, save_checkpoint,
                      use_kernels)
 
@@ -120,10 +120,7 @@ def check_settings(cfg):
         raise ConfigError(f"--lr_decay_iters={cfg.lr_decay_iters}: must be at least 1, or None for max_iters")
     if not 0 <= cfg.seed < 2**31:  # step_seed() must stay inside the 64-bit seeds torch accepts
         raise ConfigError(f"--seed={cfg.seed}: must lie in [0, 2^31)")
-    if cfg.gpu_peak_tflops is not None and cfg.gpu_peak_tflops <= 0:
-        raise ConfigError(f"--gpu_peak_tflops={cfg.gpu_peak_tflops}: must be positive, or None")
-    if cfg.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"--compile_mode={cfg.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    check_speed_settings(cfg.compile_mode, cfg.gpu_peak_tflops)
     if cfg.resume not in ("no", "yes", "auto"):
         raise ConfigError(f"--resume={cfg.resume!r}: expected no, yes (or a bare --resume) or auto")
     try:
@@ -178,10 +175,11 @@ class TokenFile:
 
     @staticmethod
     def read(path):
-        if path.stat().st_size % 2:
+        size = path.stat().st_size
+        if size % 2:
             raise TrainingError(f"{path} is damaged (an odd number of bytes cannot hold uint16 tokens); "
                                 "prepare the dataset again")
-        if path.stat().st_size == 0:  # numpy cannot map an empty file
+        if size == 0:  # numpy cannot map an empty file
             return np.zeros(0, dtype=np.uint16)
         return np.memmap(path, dtype=np.uint16, mode="r")
 

@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+# Imported here, before any process group exists, on purpose: its functions bind the world group as a
+# default argument when the module is imported, and DDP would import it after init_process_group. A group
+# held there outlives destroy_process_group, and its gloo threads then sometimes abort the exiting process.
+import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import FALSE, TRUE, ConfigError, UserError, fields_of, parse_overrides, run_cli

@@ -4,8 +4,10 @@ the same global batch. Every batch is a function of (seed, step), and the micro-
 shared out over the processes, so the two runs train the same model.
 """
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +45,25 @@ def test_ddp_logs_the_training_loss_of_the_whole_step_not_of_rank_zero_alone(ddp
     ddp, single = (logged(run, "train_loss") for run in ddp_and_single_runs)
     assert [step for step, _ in ddp] == [step for step, _ in single]
     assert [loss for _, loss in ddp] == pytest.approx([loss for _, loss in single], abs=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_ddp_training_shuts_its_process_group_threads_down_before_exit(char_data, tmp_path):
+    """A process group that outlives training keeps gloo's worker threads until the interpreter exits,
+    where one of them can abort the process (seen as an occasional exit code -6 under torchrun)."""
+    script = tmp_path / "count_threads.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import train\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = threads()\n"
+        "train.main(sys.argv[1:])\n"
+        "print(f'threads before {before} after {threads()}')\n")
+    settings = tiny_run_settings(char_data, tmp_path / "run", max_iters=2, gradient_accumulation_steps=2)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         *command_line(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = re.findall(r"threads before (\d+) after (\d+)", result.stdout)
+    assert len(counts) == 2 and all(int(after) <= int(before) for before, after in counts), result.stdout

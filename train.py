@@ -373,7 +373,13 @@ def check_writable(out_dir):
 
 class StopRequest:
     """While active, SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends before preemption) set a flag;
-    the loop finishes its step, saves ckpt.pt and exits. A second Ctrl-C stops at once."""
+    the loop finishes its step, saves ckpt.pt and exits. A second Ctrl-C stops at once.
+    Under torchrun, which passes a Ctrl-C on to its processes and kills them 30 s later, every process
+    must stop at the same step: `requested` compares their flags over `group`, a group of CPU (gloo)
+    connections, so that comparing them after every step never makes the CPU wait for the GPU."""
+
+    def __init__(self, group=None):
+        self.group = group
 
     def __enter__(self):
         self.signal = None
@@ -390,6 +396,14 @@ class StopRequest:
         self.signal = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving ckpt.pt "
               "(Ctrl-C again quits without saving)", file=sys.stderr, flush=True)
+
+    def requested(self):
+        """Whether to stop before the next step: whether this process, or under torchrun any, got a signal."""
+        if self.group is None:
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)])
+        dist.all_reduce(flag, group=self.group)
+        return flag.item() > 0
 
 
 def save_checkpoints(cfg, model, optimizer, scaler, meta, step, best_val, elapsed, val_loss=None):
@@ -429,8 +443,10 @@ def train(cfg, state=None):
     rank, world, device = setup_processes(cfg)
     distributed, master = "RANK" in os.environ, rank == 0
     log = print if master else (lambda *args, **kwargs: None)
+    # the stop flags travel over gloo: the world group itself on CPUs, a second group beside nccl's on GPUs
+    flags = None if not distributed else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     try:
-        with StopRequest() as stop:
+        with StopRequest(flags) as stop:
             return run(cfg, state, rank, world, device, distributed, master, log, stop)
     finally:
         if distributed:
@@ -555,7 +571,7 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
             t_last, step_last = time.time(), step  # evaluation time is not training time
         if step == cfg.max_iters:
             break
-        if stop_requested(stop, step, cfg, distributed, device):
+        if stop.requested():
             if step > start_step:
                 if master:
                     save_checkpoints(cfg, raw_model, optimizer, scaler, meta, step, best_val, elapsed())
@@ -597,18 +613,6 @@ def run(cfg, state, rank, world, device, distributed, master, log, stop):
     if master:
         run_log.close()
     return best_val
-
-
-def stop_requested(stop, step, cfg, distributed, device):
-    """Whether to stop before this step. Under torchrun every process must agree, so they compare
-    flags, but only every log_interval steps: the comparison makes the CPU wait for the GPU."""
-    if not distributed:
-        return stop.signal is not None
-    if step % cfg.log_interval:
-        return False
-    flag = torch.tensor([float(stop.signal is not None)], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
 
 
 def gate_summary(gates):

@@ -5,11 +5,14 @@ shared out over the processes, so the two runs train the same model.
 """
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, SUBPROCESS_ENV, command_line, logged, run_training, tiny_run_settings
 
@@ -67,3 +70,33 @@ def test_ddp_training_shuts_its_process_group_threads_down_before_exit(char_data
     assert result.returncode == 0, result.stderr[-3000:]
     counts = re.findall(r"threads before (\d+) after (\d+)", result.stdout)
     assert len(counts) == 2 and all(int(after) <= int(before) for before, after in counts), result.stdout
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_at_the_next_step_saves_and_resumes(char_data, tmp_path):
+    """torchrun passes a Ctrl-C on to its processes, and kills them if they have not ended 30 s later:
+    they must agree to stop at the next step, not at the next progress line (here none comes)."""
+    settings = tiny_run_settings(char_data, tmp_path / "run", max_iters=100000, eval_interval=100000,
+                                 log_interval=100000, gradient_accumulation_steps=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    process = subprocess.Popen([*torchrun, *command_line(settings)], cwd=REPO, env=SUBPROCESS_ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        log = tmp_path / "run" / "log.jsonl"
+        while not (log.exists() and logged(log.parent, "train_loss")) and time.time() < deadline:  # first step
+            time.sleep(0.2)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    stopped = int(re.search(r"stopped at iter (\d+), saved", stdout).group(1))
+    assert stderr.count("SIGINT: stopping after this step") == 2 and "KeyboardInterrupt" not in stderr, stderr
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter_num"] == stopped > 1
+
+    resume = dict(settings, max_iters=stopped + 2, log_interval=1)
+    resumed = subprocess.run([*torchrun, *command_line(resume), "--resume"], cwd=REPO, env=SUBPROCESS_ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from iter {stopped}" in resumed.stdout
+    assert [step for step, _ in logged(tmp_path / "run", "train_loss")][-2:] == [stopped + 1, stopped + 2]

@@ -443,8 +443,9 @@ def train(cfg, state=None):
     rank, world, device = setup_processes(cfg)
     distributed, master = "RANK" in os.environ, rank == 0
     log = print if master else (lambda *args, **kwargs: None)
-    # the stop flags travel over gloo: the world group itself on CPUs, a second group beside nccl's on GPUs
-    flags = None if not distributed else dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    flags = None  # under torchrun the stop flags travel over gloo: the world group on CPUs, a second group on GPUs
+    if distributed:
+        flags = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     try:
         with StopRequest(flags) as stop:
             return run(cfg, state, rank, world, device, distributed, master, log, stop)

@@ -16,6 +16,14 @@ import torch
 
 from conftest import REPO, SUBPROCESS_ENV, command_line, logged, run_training, tiny_run_settings
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(script, settings, *arguments):
+    """Run `script` (train.py, or a file) in two CPU processes under torchrun, with `settings` as --key=value."""
+    return subprocess.run([*TORCHRUN, str(script), *command_line(settings), *arguments], cwd=REPO,
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+
 
 @pytest.fixture(scope="module")
 def ddp_and_single_runs(char_data, tmp_path_factory):
@@ -23,9 +31,7 @@ def ddp_and_single_runs(char_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     settings = dict(max_iters=6, gradient_accumulation_steps=2, batch_size=4, eval_iters=4)
     ddp = tiny_run_settings(char_data, folder / "ddp", **settings)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-         *command_line(ddp)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    result = torchrun("train.py", ddp)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     single = run_training(tiny_run_settings(char_data, folder / "single", **settings))
     return folder / "ddp", single
@@ -64,9 +70,7 @@ def test_ddp_training_shuts_its_process_group_threads_down_before_exit(char_data
         "train.main(sys.argv[1:])\n"
         "print(f'threads before {before} after {threads()}')\n")
     settings = tiny_run_settings(char_data, tmp_path / "run", max_iters=2, gradient_accumulation_steps=2)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         *command_line(settings)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    result = torchrun(script, settings)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = re.findall(r"threads before (\d+) after (\d+)", result.stdout)
     assert len(counts) == 2 and all(int(after) <= int(before) for before, after in counts), result.stdout
@@ -77,9 +81,8 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_the_next_step_saves_and_re
     they must agree to stop at the next step, not at the next progress line (here none comes)."""
     settings = tiny_run_settings(char_data, tmp_path / "run", max_iters=100000, eval_interval=100000,
                                  log_interval=100000, gradient_accumulation_steps=2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    process = subprocess.Popen([*torchrun, *command_line(settings)], cwd=REPO, env=SUBPROCESS_ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen([*TORCHRUN, "train.py", *command_line(settings)], cwd=REPO, env=SUBPROCESS_ENV,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 120
         log = tmp_path / "run" / "log.jsonl"
@@ -95,8 +98,7 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_the_next_step_saves_and_re
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter_num"] == stopped > 1
 
     resume = dict(settings, max_iters=stopped + 2, log_interval=1)
-    resumed = subprocess.run([*torchrun, *command_line(resume), "--resume"], cwd=REPO, env=SUBPROCESS_ENV,
-                             capture_output=True, text=True, timeout=300)
+    resumed = torchrun("train.py", resume, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from iter {stopped}" in resumed.stdout
     assert [step for step, _ in logged(tmp_path / "run", "train_loss")][-2:] == [stopped + 1, stopped + 2]

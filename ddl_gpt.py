@@ -18,11 +18,13 @@ What is in this file, top to bottom:
   read through learned per-feature mixes (`Compress`) and started from the embedding by an optional
   causal token convolution ("EC");
 - `residual`: "add" (x + F(x)), "delta" (DDL) or "write" (x + beta*v*k, the erase-free ablation);
-- generation, with a cache of attention's keys and values (`KVCache`, `GPT.forward_cached`) beside
-  `GPT.forward`, which stays the reference that computes every position from scratch.
+- the model's side of generation: a cache of attention's keys and values allocated once (`KVCache`), and
+  `GPT.prefill` / `GPT.decode_step`, which read a prompt, then one token at a time with fixed shapes;
+  `GPT.forward` stays the reference that computes every position from scratch (generate.py samples).
 """
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -97,17 +99,17 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim)  # (B, T, 3 nh, hd)
-        q, k, v = qkv.split(self.n_head, dim=2)                           # 3 x (B, T, nh, hd)
         # rotary and the norms act on the last axis; in this layout they read memory in order (faster than after
-        # the transpose), and one transpose then puts the heads first for attention
-        q = self.q_norm(apply_rotary(q, cos, sin)).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_norm(apply_rotary(k, cos, sin)).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.transpose(1, 2)                                       # (B, nh, T, hd)
-        if cache is not None:  # generation: the keys and values of the positions before these come first
-            k, v = cache.extend(self, k, v)                         # 2 x (B, nh, S, hd), S = past + T
-        S = k.size(2)  # the T queries are the last T of S positions: a causal mask unless T is 1 or S
-        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S,
+        # the transpose), queries and keys rotate in one pass, and one transpose then puts the heads first
+        qk = apply_rotary(qkv[:, :, :2 * self.n_head], cos, sin)   # (B, T, 2 nh, hd)
+        q, k = qk.split(self.n_head, dim=2)                         # 2 x (B, T, nh, hd)
+        q = self.q_norm(q).transpose(1, 2)                          # (B, nh, T, hd)
+        k = self.k_norm(k).transpose(1, 2)                          # (B, nh, T, hd)
+        v = qkv[:, :, 2 * self.n_head:].transpose(1, 2)             # (B, nh, T, hd)
+        mask = None  # without one, attention is causal over the T positions themselves
+        if cache is not None:  # generation: store these positions; a decode step reads every cached one
+            k, v, mask = cache.update(self, k, v)                   # 2 x (B, nh, S, hd), mask (1, 1, 1, S) or None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
         return self.c_proj(y)                                       # (B, T, C)
@@ -155,7 +157,6 @@ class DeltaUpdate(nn.Module):
         # is the other choice, measured against this one in the README.
         self.drop = nn.Dropout(config.dropout)
         self.drop_h = config.dropout_at == "h"
-        self.use_kernel = False  # GPT.use_kernels turns the fused GPU kernel on where it can run
 
     def coefficients(self, x_in, c, h, eps=1e-5):
         """k (B, T, d), beta (B, T) and v (B, T, d_v) of the equation above, in fp32."""
@@ -180,9 +181,6 @@ class DeltaUpdate(nn.Module):
     def forward(self, X, x_in, c, h):
         if self.drop_h:
             h = self.drop(h)                                                            # (B, T, d)
-        if self.use_kernel and ddl_kernels.available(X) and (self.drop_h or self.drop.p == 0 or not self.training):
-            # the same equation as below, in one fused GPU kernel (ddl_kernels.py); the plain code is the reference
-            return ddl_kernels.delta_write(X, h, *self.gate_and_value(x_in, c), erase=self.erase)  # (B, T, d, d_v)
         k, beta, v = self.coefficients(x_in, c, h)
         if self.erase:
             v = v - (k.unsqueeze(-1) * X).sum(dim=2)                                    # (B, T, d_v): v - kᵀX
@@ -273,22 +271,36 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """What generation keeps of the positions seen, so that a new token costs one position's work: per
-    attention layer the keys (after rotary and the k-norm) and values, and the last taps - 1 embeddings for
-    Expand's convolution. The state needs none: a position's depends on its token and what attention reads."""
+    """What generation keeps of the positions seen, so that a new token costs one position's work: per attention
+    layer its keys (after rotary and the k-norm) and values, in buffers allocated once for block_size positions,
+    and the last taps - 1 embeddings for Expand's convolution. Every decode step then has the same shapes, which
+    is what lets a CUDA graph replay it. The state needs no cache: a position's state depends only on its token
+    and what attention reads."""
 
-    def __init__(self):
-        self.kv = {}      # attention module -> (k, v), each (B, nh, length, hd)
-        self.tail = None  # (B, <= taps - 1, d): the latest embeddings
-        self.length = 0   # positions seen
+    def __init__(self, config, batch_size, device):
+        self.config, self.batch_size, self.device = config, batch_size, device
+        self.k, self.v = {}, {}  # attention module -> (B, nh, block_size, hd), allocated at its first prefill
+        self.tail = torch.zeros(batch_size, Expand.taps - 1, config.n_embd, device=device)  # (B, taps - 1, d)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next decode step fills
+        self.slots = torch.arange(config.block_size, device=device)  # (block_size,)
+        self.filled = None       # (1, 1, 1, block_size): which slots a decode step reads (GPT.decode_step)
+        self.length = 0          # positions filled (the host's copy of pos)
+        self.prefilling = False
 
-    def extend(self, attn, k, v):
-        """All of attn's keys and values so far, with k, v (B, nh, T, hd) of T new positions appended."""
-        if attn in self.kv:
-            past_k, past_v = self.kv[attn]
-            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # 2 x (B, nh, length + T, hd)
-        self.kv[attn] = (k, v)
-        return k, v
+    def update(self, attn, k, v):
+        """Store the new positions' k, v (B, nh, T, hd); return the keys and values attention reads, and its mask:
+        when prefilling, k and v themselves (causal, no mask); when decoding, every slot and the mask of those filled."""
+        if self.prefilling:
+            if attn not in self.k:
+                shape = (self.batch_size, k.size(1), self.config.block_size, k.size(3))
+                self.k[attn] = torch.zeros(shape, dtype=k.dtype, device=k.device)  # (B, nh, block_size, hd)
+                self.v[attn] = torch.zeros(shape, dtype=v.dtype, device=v.device)  # (B, nh, block_size, hd)
+            self.k[attn][:, :, :k.size(2)] = k
+            self.v[attn][:, :, :v.size(2)] = v
+            return k, v, None
+        self.k[attn].index_copy_(2, self.pos, k.to(self.k[attn].dtype))  # (B, nh, block_size, hd)
+        self.v[attn].index_copy_(2, self.pos, v.to(self.v[attn].dtype))
+        return self.k[attn], self.v[attn], self.filled
 
 
 class GPT(nn.Module):
@@ -338,11 +350,15 @@ class GPT(nn.Module):
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.02)
 
     def use_kernels(self, on=True):
-        """Run the delta writes through ddl_kernels.py's fused kernel where it can (CUDA with Triton, d_v in
-        1, 2, 4, 8, no dropout on the write while training); elsewhere, and with on=False, the plain code runs."""
+        """Run the delta writes through ddl_kernels.py's fused kernels where they can (CUDA with Triton, d_v in
+        1, 2, 4, 8, no dropout on the write while training): each DeltaUpdate's forward is replaced by
+        ddl_kernels.fused_forward, the same equation. on=False puts DeltaUpdate.forward, the reference, back."""
         for module in self.modules():
             if isinstance(module, DeltaUpdate):
-                module.use_kernel = on
+                if on:
+                    module.forward = types.MethodType(ddl_kernels.fused_forward, module)
+                else:
+                    module.__dict__.pop("forward", None)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -384,55 +400,41 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
-    def forward_cached(self, idx, cache):
-        """The last position's logits (B, 1, vocab) for tokens idx (B, T) that follow the cache.length positions
-        in `cache`, which takes them in. Equals forward on the whole sequence (in eval mode: no dropout)."""
+    def prefill(self, idx, cache):
+        """Read a prompt idx (B, T) into an empty cache; the logits (B, vocab) of its last position. The same
+        computation as forward, which it equals (in eval mode), with every position's keys and values kept."""
         B, T = idx.size()
-        start = cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(f"{start} cached + {T} new positions is longer than block_size={self.config.block_size}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
-        e = self.transformer.wte(idx)                                              # (B, T, d)
-        e = e if cache.tail is None else torch.cat((cache.tail, e), dim=1)         # (B, <= taps - 1 + T, d)
-        cache.tail = e[:, -(Expand.taps - 1):]                                     # (B, <= taps - 1, d)
-        X = self.transformer.expand(e)[:, -T:]                 # (B, T, d, d_v): only the new tokens' states
+        if T > self.config.block_size:
+            raise ValueError(f"a prompt of {T} tokens is longer than block_size={self.config.block_size}")
+        e = self.transformer.wte(idx)                                     # (B, T, d)
+        cache.tail.copy_(F.pad(e, (0, 0, Expand.taps - 1, 0))[:, -(Expand.taps - 1):])  # (B, taps - 1, d)
+        X = self.transformer.expand(e).to(getattr(torch, self.config.state_dtype))  # (B, T, d, d_v)
+        cache.prefilling = True
         for block in self.transformer.h:
-            X = block(X, cos, sin, cache)                      # (B, T, d, d_v)
-        cache.length += T
-        x = self.transformer.ln_f(self.transformer.readout(X[:, -1:]))  # (B, 1, d)
-        return self.lm_head(x).float()                                   # (B, 1, vocab)
+            X = block(X, self.rope_cos[:T], self.rope_sin[:T], cache)     # (B, T, d, d_v)
+        cache.prefilling = False
+        cache.pos.fill_(T)
+        cache.length = T
+        x = self.transformer.ln_f(self.transformer.readout(X[:, -1:]))    # (B, 1, d)
+        return self.lm_head(x)[:, 0].float()                              # (B, vocab)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, use_cache=True):
-        """idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens). See stream."""
-        new = self.stream(idx, max_new_tokens, temperature, top_k, vocab_limit, use_cache)
-        return torch.cat((idx, *new), dim=1)                            # (B, T + max_new_tokens)
-
-    @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, use_cache=True):
-        """Yield max_new_tokens sampled tokens (B, 1), one at a time, that continue idx (B, T); temperature=0
-        is greedy. `vocab_limit` keeps padded-vocabulary ids that no tokenizer can decode out of the sample.
-        The model sees the last block_size tokens. use_cache: the context is read once, then each new token
-        adds one position to a KVCache; once block_size are cached, each further token re-reads the last
-        block_size tokens into a fresh cache, like the uncached path (a shift moves every position)."""
-        cache = None
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]                  # (B, <= block_size)
-            if not use_cache:
-                logits, _ = self(context)                               # (B, 1, vocab)
-            elif cache is None or cache.length == self.config.block_size:
-                cache = KVCache()
-                logits = self.forward_cached(context, cache)            # (B, 1, vocab)
-            else:
-                logits = self.forward_cached(idx[:, -1:], cache)        # (B, 1, vocab)
-            logits = logits[:, -1, :vocab_limit] / max(temperature, 1e-6)  # (B, vocab)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = (logits.argmax(dim=-1, keepdim=True) if temperature == 0 else
-                       torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))  # (B, 1)
-            idx = torch.cat((idx, next_id), dim=1)                      # (B, T + 1)
-            yield next_id
+    def decode_step(self, token, cache):
+        """The logits (B, vocab) after one more token (B, 1) at position cache.pos, which it then advances.
+        Every tensor has the same shape at every position and the position is read on the device: one call can be
+        captured as a CUDA graph and replayed for every token (generate.py does; it counts cache.length)."""
+        e = self.transformer.wte(token)                                   # (B, 1, d)
+        window = torch.cat((cache.tail, e), dim=1)                        # (B, taps, d): this token and the last ones
+        cache.tail.copy_(window[:, 1:])                                   # (B, taps - 1, d)
+        X = self.transformer.expand(window)[:, -1:]                       # (B, 1, d, d_v): only this token's state
+        X = X.to(getattr(torch, self.config.state_dtype))
+        cos, sin = self.rope_cos[cache.pos], self.rope_sin[cache.pos]     # (1, hd/2)
+        cache.filled = (cache.slots <= cache.pos).view(1, 1, 1, -1)       # (1, 1, 1, block_size)
+        for block in self.transformer.h:
+            X = block(X, cos, sin, cache)                                 # (B, 1, d, d_v)
+        cache.pos.add_(1)
+        x = self.transformer.ln_f(self.transformer.readout(X))            # (B, 1, d)
+        return self.lm_head(x)[:, 0].float()                              # (B, vocab)
 
 
 @torch.no_grad()

@@ -80,6 +80,37 @@ if triton is not None:
         tl.store(DBETA + n, tl.sum(e * u, axis=0))
         tl.store(DV_OUT + n * DV + j, beta * u)
 
+    @triton.jit
+    def _update_kernel(X, X_IN, C, H, W_B, B_B, W_V, B_V, X_OUT, D, eps2, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ERASE: tl.constexpr, LINEAR_VALUE: tl.constexpr):
+        """The whole update of one token, its gate and value included: what generation runs, one launch per
+        sublayer instead of the dozen small ones of the plain code (no autograd)."""
+        n = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)                                 # (BLOCK_D,)
+        j = tl.arange(0, DV)                                      # (DV,)
+        offs = n * D * DV + d[:, None] * DV + j[None, :]          # (BLOCK_D, DV)
+        mask = (d < D)[:, None] & (j < DV)[None, :]               # (BLOCK_D, DV)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(C + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+        h = tl.load(H + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+        w_b = tl.load(W_B + d, mask=d < D, other=0.0).to(tl.float32)
+        beta = 2.0 * tl.sigmoid(tl.sum(c * w_b, axis=0) + tl.load(B_B).to(tl.float32))
+        if LINEAR_VALUE:
+            source = c
+        else:
+            source = tl.load(X_IN + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+        w_v = tl.load(W_V + j[None, :] * D + d[:, None], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D, DV)
+        v = tl.sum(source[:, None] * w_v, axis=0) + tl.load(B_V + j).to(tl.float32)              # (DV,)
+        if not LINEAR_VALUE:
+            v = 4.0 * tl.sigmoid(v)
+        k = h / tl.sqrt(tl.sum(h * h, axis=0) + eps2)             # (BLOCK_D,)
+        if ERASE:
+            e = v - tl.sum(k[:, None] * x, axis=0)                # (DV,)
+        else:
+            e = v
+        x_new = x + (beta * k)[:, None] * e[None, :]
+        tl.store(X_OUT + offs, x_new.to(X_OUT.dtype.element_ty), mask=mask)
+
 
 def _launch(D, DV):
     """BLOCK_D (the width padded to a power of two, as Triton's blocks need) and warps for one token's state."""
@@ -114,3 +145,30 @@ class DeltaWrite(torch.autograd.Function):
 def delta_write(X, h, beta, v, erase=True, eps=1e-5):
     """X + beta * k ⊗ (v - kᵀX) with k = h / sqrt(|h|^2 + eps^2), fused: (B, T, d, d_v). See DeltaWrite."""
     return DeltaWrite.apply(X, h, beta, v, erase, eps)
+
+
+@torch.no_grad()
+def delta_update(update, X, x_in, c, h, eps=1e-5):
+    """DeltaUpdate `update`'s whole write X -> X_new (B, T, d, d_v), beta and v computed inside the kernel too.
+    Without autograd (generation, evaluation): one launch, where the plain code makes a dozen."""
+    X, x_in, c, h = X.contiguous(), x_in.contiguous(), c.contiguous(), h.contiguous()
+    B, T, D, DV = X.shape
+    X_new = torch.empty_like(X)                                       # (B, T, d, d_v)
+    _update_kernel[(B * T,)](X, x_in, c, h, update.gate_weight, update.gate_bias, update.value_proj.weight,
+                             update.value_proj.bias, X_new, D, eps * eps, DV=DV, ERASE=update.erase,
+                             LINEAR_VALUE=update.linear_value, **_launch(D, DV))
+    return X_new
+
+
+def fused_forward(update, X, x_in, c, h):
+    """What replaces DeltaUpdate.forward when the kernels are on (GPT.use_kernels): the same equation through
+    the kernels above where they can run, else the plain code. Training with dropout on the whole write keeps
+    the plain code (the kernel has no dropout)."""
+    plain = type(update).forward
+    if not available(X) or (update.training and update.drop.p > 0 and not update.drop_h):
+        return plain(update, X, x_in, c, h)
+    if update.drop_h:
+        h = update.drop(h)                                            # (B, T, d)
+    if not torch.is_grad_enabled():
+        return delta_update(update, X, x_in, c, h)                     # (B, T, d, d_v)
+    return delta_write(X, h, *update.gate_and_value(x_in, c), erase=update.erase)  # (B, T, d, d_v)

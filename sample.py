@@ -5,23 +5,31 @@ Generate text from a trained model.
     python sample.py --out_dir=out-books --start=FILE:prompt.txt --max_new_tokens=200
     python sample.py --bench          # new tokens/s with and without the KV cache (no checkpoint needed)
 
-The checkpoint carries its own tokenizer (a character vocabulary, or GPT-2's BPE), so a sample needs
-nothing but the checkpoint folder. By default the weights with the lowest validation loss (best.pt).
-Each sample is printed as it is generated (one line on stderr first says which checkpoint was loaded);
-generation keeps a cache of attention's keys and values (GPT.generate), so each new token reads only itself.
+The checkpoint carries its own tokenizer: a character vocabulary, which needs nothing else, or GPT-2's BPE,
+which needs tiktoken's two files (vocab.bpe, encoder.json): tiktoken downloads them once into its cache;
+offline, point TIKTOKEN_CACHE_DIR at a folder that holds them. By default the weights with the lowest
+validation loss (best.pt). One line on stderr first says which checkpoint was loaded. The samples run
+together as one batch (at most --max_batch at a time; each sample draws from its own random stream, so it
+is the same in any batch); one sample is printed token by token, several each as soon as it is complete.
+Generation (generate.py) reads the prompt once, then each new token with a cache of attention's keys and
+values; on a CUDA GPU each token's step is replayed as a CUDA graph.
 """
 
-import dataclasses
-import sys
 import time
-from pathlib import Path
 
-import torch
+STARTED = time.perf_counter()  # before torch is imported: --bench reports the time to the first token from here
 
-from configurator import ConfigError, parse_overrides, run_cli
-from ddl_gpt import GPT, GPTConfig
-from runtime import autocast_for, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
-from tokenizer import from_meta
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from ddl_gpt import GPT, GPTConfig  # noqa: E402
+from generate import generate  # noqa: E402
+from runtime import load_checkpoint, model_from_checkpoint, pick_device, pick_dtype  # noqa: E402
+from tokenizer import from_meta  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -30,13 +38,15 @@ class SampleConfig:
     checkpoint: str = "best"       # "best" (lowest validation loss) or "ckpt" (the latest)
     start: str = ""                # the prompt, or FILE:path to read it; "" starts from a newline
                                    # (characters) or <|endoftext|> (GPT-2), i.e. unprompted
-    num_samples: int = 3           # how many samples, each printed as it is generated
+    num_samples: int = 3           # how many samples; one is printed token by token, several as each completes
     max_new_tokens: int = 500      # 0 prints the prompt alone
     temperature: float = 0.8       # < 1 sharpens the distribution, > 1 flattens it; 0 takes the likeliest token
     top_k: int | None = 200        # sample only among the k likeliest tokens; None: all of them
-    seed: int = 1337               # the sampling draws follow from it
+    seed: int = 1337               # sample i draws from its own random stream of (seed, i)
+    max_batch: int = 64            # samples generated together at most; lower it if memory runs short
     device: str = "auto"           # auto picks cuda > mps > cpu
     dtype: str = "auto"            # auto: bfloat16 on GPUs that have it, else float32
+    fused: bool | None = None      # the delta writes in one Triton kernel each (ddl_kernels.py); None: on CUDA
     bench: bool = False            # tokens/s with and without the KV cache (random baby-GPT weights unless --out_dir)
 
 
@@ -44,14 +54,17 @@ def check(cfg):
     """Refuse impossible settings before anything is loaded."""
     if cfg.checkpoint not in ("best", "ckpt"):
         raise ConfigError(f"--checkpoint={cfg.checkpoint!r}; expected 'best' or 'ckpt'")
-    if cfg.num_samples < 1:
-        raise ConfigError(f"--num_samples={cfg.num_samples}; expected 1 or more")
+    for key in ("num_samples", "max_batch"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}; expected 1 or more")
     if cfg.max_new_tokens < 0:
         raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens}; expected 0 or more")
     if cfg.temperature < 0:
         raise ConfigError(f"--temperature={cfg.temperature}; expected > 0, or 0 for the likeliest token")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise ConfigError(f"--top_k={cfg.top_k}; expected 1 or more, or None for all tokens")
+    if not 0 <= cfg.seed < 2**31:  # each sample's stream is seeded with seed * 1,000,003 + i, which must fit 64 bits
+        raise ConfigError(f"--seed={cfg.seed}; expected an integer in [0, 2^31)")
 
 
 def read_prompt(start):
@@ -60,7 +73,7 @@ def read_prompt(start):
         return start
     if not start[5:]:
         raise ConfigError("--start=FILE: names no file; write --start=FILE:path/to/prompt.txt")
-    path = Path(start[5:])
+    path = Path(start[5:]).expanduser()
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -92,18 +105,26 @@ def new_text(tokenizer, ids, shown):
     return "" if text.endswith("\ufffd") else text[len(shown):]
 
 
+def prepare_model(model, cfg, device):
+    """The model on its device, in evaluation mode, with the fused kernels where asked and possible."""
+    model = model.to(device).eval()
+    model.use_kernels(device.type == "cuda" if cfg.fused is None else cfg.fused)
+    return model
+
+
 def sample(cfg, out=None):
-    """The generated texts, prompts included; with `out` (a text stream), each is written there as it grows."""
+    """The generated texts, prompts included; with `out` (a text stream), each is written there: one sample
+    token by token, several each as soon as it is complete (in order)."""
     check(cfg)
     start = read_prompt(cfg.start)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    path = Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"
+    path = Path(cfg.out_dir).expanduser() / f"{cfg.checkpoint}.pt"
     state = load_checkpoint(path)
     print(describe(path, state), file=sys.stderr, flush=True)
     tokenizer = from_meta(state["tokenizer"])
     ids = prompt_ids(start, tokenizer)
-    model = model_from_checkpoint(state).to(device).eval()
+    model = prepare_model(model_from_checkpoint(state), cfg, device)
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids)} tokens; the model sees only the last {model.config.block_size}",
               file=sys.stderr)
@@ -113,64 +134,79 @@ def sample(cfg, out=None):
             out.write(text)
             out.flush()
 
-    torch.manual_seed(cfg.seed)
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
     prompt = tokenizer.decode(ids) if start else ""
+    end = tokenizer.end_of_text if tokenizer.kind == "gpt2" else None  # a GPT-2 document ended: the sample stops
+    streaming = cfg.num_samples == 1
     texts = []
-    for _ in range(cfg.num_samples):
-        write(prompt)
-        new, shown = [], ""
-        with autocast_for(device, dtype):
-            for next_id in model.stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                        vocab_limit=tokenizer.vocab_size):
-                token = next_id.item()
-                if tokenizer.kind == "gpt2" and token == tokenizer.end_of_text:  # a document ended: stop there
-                    break
-                new.append(token)
-                piece = new_text(tokenizer, new, shown)
+    for first in range(0, cfg.num_samples, cfg.max_batch):
+        B = min(cfg.max_batch, cfg.num_samples - first)
+        x = torch.tensor(ids, dtype=torch.long, device=device).expand(B, -1)  # (B, T)
+        new, done, shown = [[] for _ in range(B)], [False] * B, ""
+        if streaming:
+            write(prompt)
+        for step in generate(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tokenizer.vocab_size,
+                             cfg.seed, first, dtype):
+            for i, token in enumerate(step):
+                done[i] = done[i] or token == end
+                if not done[i]:
+                    new[i].append(token)
+            if streaming and not done[0]:
+                piece = new_text(tokenizer, new[0], shown)
                 write(piece)
                 shown += piece
-        text = tokenizer.decode(new)
-        write(text[len(shown):] + "\n" + "-" * 40 + "\n")
-        texts.append(prompt + text)
+            while len(texts) < first + B and done[len(texts) - first]:  # the next sample in order is complete
+                texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
+            if all(done):
+                break
+        while len(texts) < first + B:
+            texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
     return texts
 
 
+def finish(prompt, text, shown, streaming, write):
+    """Write what is left of one sample and its separator; return the sample, prompt included."""
+    write((text[len(shown):] if streaming else prompt + text) + "\n" + "-" * 40 + "\n")
+    return prompt + text
+
+
 def bench(cfg, from_checkpoint):
-    """Print new tokens per second with and without the KV cache, greedy from a one-token prompt; the two
-    paths take turns token by token, so that both see the same load on a shared machine. Past block_size
-    both re-read the last block_size tokens for every new one: the cache helps within the context."""
+    """Print new tokens per second with and without the KV cache, greedy from a one-token prompt, at batch 1 and
+    batch 8 (new tokens of all samples per second), and the time from the script's start to the first token."""
     check(cfg)
     if cfg.max_new_tokens < 1:
         raise ConfigError("--bench times --max_new_tokens tokens: give 1 or more")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
     if from_checkpoint:
-        model = model_from_checkpoint(load_checkpoint(Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"))
+        model = model_from_checkpoint(load_checkpoint(Path(cfg.out_dir).expanduser() / f"{cfg.checkpoint}.pt"))
     else:  # the shape of config/shakespeare_char.py, random weights
+        torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
-    model, c, n = model.to(device).eval(), model.config, cfg.max_new_tokens
-    x = torch.zeros(1, 1, dtype=torch.long, device=device)  # (1, 1)
-    streams = {use_cache: model.stream(x, n, temperature=0, use_cache=use_cache) for use_cache in (True, False)}
-    tokens, seconds = {True: [], False: []}, {True: [], False: []}
-    with autocast_for(device, dtype):
-        model.generate(x, 8, temperature=0)  # warm-up
-        for _ in range(n):
-            for use_cache, stream in streams.items():
-                t0 = time.perf_counter()
-                tokens[use_cache].append(next(stream).item())
-                seconds[use_cache].append(time.perf_counter() - t0)
+    model, c, n = prepare_model(model, cfg, device), model.config, cfg.max_new_tokens
 
-    def rates(k):
-        cached, uncached = k / sum(seconds[True][:k]), k / sum(seconds[False][:k])
-        return f"with the cache {cached:.1f} tokens/s, without {uncached:.1f} ({cached / uncached:.1f}x)"
+    def timed(batch, use_cache, count):
+        """The new tokens, and the time after each step since the start (the GPU waited for by each step)."""
+        x = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
+        tokens, times, t0 = [], [], time.perf_counter()
+        for step in generate(model, x, count, temperature=0, dtype=dtype, use_cache=use_cache):
+            tokens.append(step)
+            times.append(time.perf_counter() - t0)
+        return tokens, times
 
+    before = time.perf_counter()
+    first_token = before - STARTED + timed(1, True, 1)[1][0]
     print(f"{c.n_layer} layers x {c.n_embd} wide, block_size {c.block_size}, residual={c.residual}, d_v={c.d_v}, "
-          f"{device.type} {dtype}; same tokens with and without the cache: {tokens[True] == tokens[False]}")
-    if n >= c.block_size:  # the one-token prompt and block_size - 1 new ones fill the context
-        print(f"  the first {c.block_size - 1} new tokens (within the context): {rates(c.block_size - 1)}")
-    print(f"  all {n} new tokens: {rates(n)}")
+          f"{device.type} {dtype}, kernels {'on' if cfg.fused is not False and device.type == 'cuda' else 'off'}")
+    for batch in (1, 8):
+        runs = {use_cache: timed(batch, use_cache, n) for use_cache in (True, False)}
+        same = runs[True][0] == runs[False][0]
+        windows = ([min(n, c.block_size - 1)] if n >= c.block_size else []) + [n]
+        rates = []
+        for k in windows:
+            cached, uncached = (batch * k / runs[u][1][k - 1] for u in (True, False))
+            rates.append(f"first {k}: cached {cached:,.0f} tokens/s, uncached {uncached:,.0f} ({cached / uncached:.1f}x)")
+        print(f"  batch {batch}: " + "; ".join(rates) + f"; same tokens both ways: {same}")
+    print(f"  from the script's start to the first new token: {first_token:.2f} s")
 
 
 def main(argv):

@@ -1,0 +1,160 @@
+"""
+Generation: a prompt read once, then one token at a time, fast on a GPU and the same on every device.
+
+    tokens = generate(model, idx, max_new_tokens=500, temperature=0.8, top_k=200, seed=1337)  # yields (B,) ids
+
+The steps, as in fast small-model decoders:
+- `prefill`: the prompt (B, T) in one pass, which fills a KVCache allocated once for block_size positions;
+- `decode_step`: one new token for every sample, with the same shapes at every position. On a CUDA GPU the
+  step, sampling included, is captured once as a CUDA graph and replayed: a token then costs one launch
+  instead of hundreds (at the baby GPT's size launching kernels takes longer than running them). Capturing
+  takes milliseconds, where torch.compile would take tens of seconds before the first token;
+- past block_size the model sees the last block_size tokens: every further token reads them afresh (a shift
+  moves every position, so nothing cached stays valid), exactly what the uncached reference does.
+
+Sampling draws from a stream of uniform numbers of each sample's own (seed, sample number): a sample is the
+same whether it runs alone or in a batch, cached or not. `use_cache=False` is the reference path, GPT.forward
+on the whole context for every token.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ddl_gpt import KVCache
+
+CHUNK = 1024  # uniforms drawn per sample at a time
+
+
+class Draws:
+    """The uniform numbers that sampling turns into tokens, sample i's from its own generator: (B, CHUNK) at a
+    time on the device, read one column per step through a step counter that lives on the device too."""
+
+    def __init__(self, seed, first_sample, batch_size, device):
+        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + first_sample + i) for i in range(batch_size)]
+        self.values = torch.empty(batch_size, CHUNK, device=device)  # (B, CHUNK)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # the column the next token reads
+        self.refill()
+
+    def refill(self):
+        fresh = torch.stack([torch.rand(CHUNK, generator=g) for g in self.generators])  # (B, CHUNK)
+        self.values.copy_(fresh)
+        self.step.zero_()
+
+    def next(self):
+        """(B, 1) uniforms for this step; the caller refills every CHUNK steps."""
+        u = self.values.index_select(1, self.step)  # (B, 1)
+        self.step.add_(1)
+        return u
+
+
+def pick(logits, temperature, top_k, vocab_limit, u):
+    """Token ids (B, 1) from logits (B, vocab): the likeliest (temperature 0), or sampled by inverting the
+    cumulative distribution at the uniforms u (B, 1), which makes the draw a function of u alone."""
+    logits = logits[:, :vocab_limit]                                           # (B, <= vocab)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)                            # (B, 1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]                        # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)                             # (B, vocab)
+    chosen = (cdf < u * cdf[:, -1:]).sum(dim=-1, keepdim=True)                 # (B, 1)
+    return chosen.clamp(max=logits.size(-1) - 1)
+
+
+class Decoder:
+    """Generation with the cache, on static buffers: the last token in, the next one written back in its place.
+    Two steps, each with the same shapes every time, so that on CUDA each is captured once as a CUDA graph and
+    then replayed: the decode step (one position, while the cache has room) and the re-read (past block_size:
+    the last block_size tokens read afresh)."""
+
+    def __init__(self, model, cache, draws, sampling, use_graph):
+        self.model, self.cache, self.draws, self.sampling = model, cache, draws, sampling
+        B, block_size = cache.batch_size, model.config.block_size
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=cache.device)           # (B, 1): the latest token
+        self.window = torch.zeros(B, block_size, dtype=torch.long, device=cache.device)  # (B, block_size): the last
+        self.use_graph, self.graphs = use_graph, {}                                      # tokens read
+
+    def prefill(self, context):
+        """Read the context (B, T) and pick the first new token (B, 1)."""
+        self.window[:, -context.size(1):] = context
+        logits = self.model.prefill(context, self.cache)                                  # (B, vocab)
+        self.token.copy_(pick(logits, *self.sampling, self.draws.next()))                 # (B, 1)
+        return self.token
+
+    def step(self):
+        """The next token of every sample (B, 1), on the device."""
+        name = "decode" if self.cache.length < self.model.config.block_size else "reread"
+        run = self.decode if name == "decode" else self.reread
+        if self.use_graph:
+            if name not in self.graphs:
+                self.graphs[name] = self.capture(run)
+            self.graphs[name].replay()
+        else:
+            run()
+        self.cache.length = min(self.cache.length + 1, self.model.config.block_size)
+        return self.token
+
+    def decode(self):
+        # A decode step's attention reads every slot through a mask of those filled. The memory-efficient kernel
+        # takes such a mask and has one plan for one shape; flash attention takes no mask, and cuDNN's attention
+        # would build a plan per sequence length (slow the first time, and nothing to gain at one query).
+        self.window.copy_(torch.cat((self.window[:, 1:], self.token), dim=1))           # (B, block_size)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            logits = self.model.decode_step(self.token, self.cache)                     # (B, vocab)
+        self.token.copy_(pick(logits, *self.sampling, self.draws.next()))               # (B, 1)
+
+    def reread(self):
+        # past block_size every position moves: the cache is filled afresh from the last block_size tokens
+        self.window.copy_(torch.cat((self.window[:, 1:], self.token), dim=1))           # (B, block_size)
+        logits = self.model.prefill(self.window, self.cache)                            # (B, vocab)
+        self.token.copy_(pick(logits, *self.sampling, self.draws.next()))               # (B, 1)
+
+    def capture(self, run):
+        """Record `run` as a CUDA graph. A warm-up run first (on a side stream, as capture needs), which also
+        compiles the Triton kernels; it changes the buffers, which are then put back."""
+        buffers = [self.token, self.window, self.cache.pos, self.cache.tail, self.draws.step]
+        saved = [b.clone() for b in buffers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        for b, s in zip(buffers, saved):
+            b.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return graph
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, seed=1337, first_sample=0,
+             dtype="float32", use_cache=True, use_graph=None):
+    """Yield, max_new_tokens times, the next token of every sample (a list of B ints) that continue idx (B, T).
+    temperature=0 is greedy; top_k keeps the k likeliest; vocab_limit keeps padded-vocabulary ids that no
+    tokenizer can decode out of the sample. Sample b draws from (seed, first_sample + b). dtype: "float32", or
+    the autocast precision ("bfloat16", "float16"). use_graph: CUDA graphs for the decode step (default: on CUDA)."""
+    with torch.autocast(idx.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32",
+                        cache_enabled=False):  # a captured graph must not read autocast's cached weight copies
+        yield from tokens(model, idx, max_new_tokens, (temperature, top_k, vocab_limit), seed, first_sample,
+                          use_cache, idx.device.type == "cuda" if use_graph is None else use_graph)
+
+
+def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, use_cache, use_graph):
+    """generate's loop, inside its autocast."""
+    block_size, (B, T), device = model.config.block_size, idx.size(), idx.device
+    draws = Draws(seed, first_sample, B, device)
+    context = idx[:, -block_size:]                                           # (B, <= block_size): what the model sees
+    decoder = Decoder(model, KVCache(model.config, B, device), draws, sampling, use_graph) if use_cache else None
+    for n in range(max_new_tokens):
+        if n % CHUNK == 0 and n > 0:
+            draws.refill()
+        if not use_cache:  # the reference: every token computed from scratch over the whole context
+            logits = model(context)[0][:, -1]                                # (B, vocab)
+            token = pick(logits, *sampling, draws.next())                    # (B, 1)
+            context = torch.cat((context, token), dim=1)[:, -block_size:]    # (B, <= block_size)
+        else:
+            token = decoder.prefill(context) if n == 0 else decoder.step()   # (B, 1)
+        yield token[:, 0].tolist()

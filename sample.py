@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, parse_overrides, run_cli
+from support.configurator import ConfigError, parse_overrides, run_cli
 from ddl_gpt import GPT, GPTConfig
-from runtime import autocast_for, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
-from tokenizer import from_meta
+from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.device import autocast_for, pick_device, pick_dtype
+from support.tokenizer import from_meta
 
 
 @dataclasses.dataclass

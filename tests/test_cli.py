@@ -35,9 +35,10 @@ import bench as bench_module
 import data.prepare as prepare_module
 import sample as sample_module
 import train as train_module
-from configurator import UserError, field_help, run_cli
+from support.configurator import UserError, field_help, run_cli
 from conftest import REPO, SUBPROCESS_ENV, command_line, logged, run_training, tiny_run_settings
-from runtime import pick_device, pick_dtype
+from support.device import pick_device, pick_dtype
+from support.settings import check_settings
 from train import TrainConfig, resolve_config
 
 TIMEOUT = 180  # seconds for one subprocess: the CPU is shared and slow
@@ -394,7 +395,7 @@ def test_random_command_lines_give_a_checked_config_or_one_user_error(tmp_path, 
     for argv in every_pair + [[fuzz_argument(rng) for _ in range(rng.randint(1, 6))] for _ in range(400)]:
         try:
             cfg, state = resolve_config(argv)
-            train_module.check_settings(cfg)
+            check_settings(cfg)
             pick_dtype(cfg.dtype, pick_device(cfg.device))
             assert state is None
             accepted += 1
@@ -500,7 +501,7 @@ sys.path.insert(0, '.')
 import torch
 torch.set_num_threads(1)
 import train
-from configurator import run_cli
+from support.configurator import run_cli
 results = []
 for argv in json.loads(sys.stdin.readline()):
     err = io.StringIO()

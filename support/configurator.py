@@ -29,7 +29,11 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    pass
+    """A setting that cannot work."""
+
+
+class TrainingError(UserError):
+    """A run that cannot start or go on: its dataset, its folder, or the checkpoint it resumes."""
 
 
 def field_type(field):

@@ -18,10 +18,14 @@ class TokenFile:
     """One split of a dataset: token ids (uint16) and, for tasks with answers, which tokens are answers
     (a uint16 file beside it: 0, or how many tokens back the answer's example starts)."""
 
-    def __init__(self, path, block_size):
+    def __init__(self, path, block_size, recorded=None):
         self.tokens = self.read(path)
         self.block_size = block_size
         n = len(self.tokens)
+        if recorded is not None and recorded != n:  # meta.json counts the tokens that prepare.py wrote
+            fits = "" if n > block_size + 1 else f", too few for --block_size={block_size}"
+            raise TrainingError(f"{path} holds {n:,} tokens{fits} but meta.json records {recorded:,}: the file is "
+                                f"cut short or belongs to another dataset; {PREPARE_AGAIN}")
         if n <= block_size + 1:
             raise TrainingError(f"{path} holds {n:,} tokens, too few for block_size={block_size}; "
                                 "lower --block_size or add text")
@@ -73,7 +77,9 @@ def read_meta(folder, dataset, data_dir):
     meta = read_json(folder / "meta.json", PREPARE_AGAIN)
     try:
         vocab_size, tokenizer = meta["vocab_size"], meta["tokenizer"]
-        if type(vocab_size) is not int or not 1 <= vocab_size <= 2**16 or tokenizer not in ("char", "gpt2"):
+        counts = [meta.get(f"{split}_tokens", 0) for split in ("train", "val")]  # recorded by data/prepare.py
+        if (type(vocab_size) is not int or not 1 <= vocab_size <= 2**16 or tokenizer not in ("char", "gpt2")
+                or any(type(count) is not int for count in counts)):
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise TrainingError(f"{folder}/meta.json is damaged; {PREPARE_AGAIN}") from None
@@ -81,8 +87,8 @@ def read_meta(folder, dataset, data_dir):
 
 
 def open_dataset(cfg):
-    """meta.json, and the train and validation TokenFiles of the dataset, checked against meta.json: every
-    id inside its vocabulary (one past it would crash the embedding)."""
+    """meta.json, and the train and validation TokenFiles of the dataset, checked against meta.json: as
+    many tokens as it records, and every id inside its vocabulary (one past it would crash the embedding)."""
     folder = Path(cfg.data_dir) / cfg.dataset
     meta = read_meta(folder, cfg.dataset, cfg.data_dir)
     splits = []
@@ -90,7 +96,7 @@ def open_dataset(cfg):
         path = folder / f"{split}.bin"
         if not path.is_file():
             raise TrainingError(f"{path} is missing; {PREPARE_AGAIN}")
-        data = TokenFile(path, cfg.block_size)
+        data = TokenFile(path, cfg.block_size, meta.get(f"{split}_tokens"))
         if data.tokens.max() >= meta["vocab_size"]:  # one pass over the file
             raise TrainingError(f"{path} holds token id {data.tokens.max()}, outside the vocabulary of "
                                 f"{meta['vocab_size']} in meta.json: the files do not belong together; {PREPARE_AGAIN}")

@@ -147,11 +147,11 @@ class Context:
         damage(folder)
         return dict(data_dir=str(self.tmp / "data"), dataset="tiny")
 
-    def run(self, damage=None):
-        """A copy of the finished run, its ckpt.pt damaged by damage(path)."""
+    def run(self, damage=None, file="ckpt.pt"):
+        """A copy of the finished run, its ckpt.pt (or another of its files) damaged by damage(path)."""
         self.run_dir = Path(shutil.copytree(self.trained, self.tmp / "run"))
         if damage:
-            damage(self.run_dir / "ckpt.pt")
+            damage(self.run_dir / file)
         return self.run_dir
 
 
@@ -175,6 +175,11 @@ def reverse_chars(folder):
 
 def truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def cut_val_to_50_tokens(folder):
+    """val.bin cut short while meta.json still records its full length."""
+    (folder / "val.bin").write_bytes((folder / "val.bin").read_bytes()[:100])
 
 
 TEXT, BINARY = "some text\n" * 20, b"\x00\x01\xff binary"
@@ -242,6 +247,8 @@ CASES = [
     ("meta.json vocab 0", "train.py", lambda c: c.train(**c.dataset(set_vocab(0))), ["meta.json", "damaged"]),
     ("meta.json vocab 1.5", "train.py", lambda c: c.train(**c.dataset(set_vocab(1.5))), ["meta.json", "damaged"]),
     ("tokens past vocab", "train.py", lambda c: c.train(**c.dataset(set_vocab(5))), ["train.bin", "vocabulary of 5"]),
+    ("val.bin shorter than meta.json", "train.py", lambda c: c.train(**c.dataset(cut_val_to_50_tokens)),
+     ["val.bin", "holds 50 tokens", "meta.json records", "prepare the dataset again"]),
     ("block_size too long", "train.py", lambda c: c.train("--block_size=100000"), ["--block_size", "too few"]),
     ("out_dir under a file", "train.py", lambda c: c.train(out_dir=c.file("plain", "") + "/out"),
      ["--out_dir", "cannot be written"]),
@@ -259,6 +266,9 @@ CASES = [
     ("resume on other characters", "train.py",
      lambda c: ["--resume", f"--out_dir={c.run()}", "--max_iters=8", *command_line(c.dataset(reverse_chars))],
      ["cannot resume on dataset 'tiny'", "--dataset="]),
+    ("resume with a binary log.jsonl", "train.py",
+     lambda c: ["--resume", f"--out_dir={c.run(lambda p: p.write_bytes(BINARY), 'log.jsonl')}", "--max_iters=6"],
+     ["log.jsonl", "not UTF-8", "move it aside"]),
     ("resume bad setting", "train.py", lambda c: ["--resume", f"--out_dir={c.run()}", "--max_iters=8", "--min_lr=1"],
      ["--min_lr"]),
     # sample.py

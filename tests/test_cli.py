@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import bench as bench_module
+import compare
 import data.prepare as prepare_module
 import sample as sample_module
 import train as train_module
@@ -234,6 +235,9 @@ CASES = [
     ("config bad value", "train.py", lambda c: [c.file("bad.py", "d_v = [2]\n"), *c.train()], ["--d_v", "int"]),
     ("config unknown name", "train.py", lambda c: [c.file("bad.py", "n_layers = 2\n"), *c.train()],
      ["did you mean --n_layer?"]),
+    ("config True as a number", "train.py",  # bool is an int in Python: True would train 1 layer
+     lambda c: [c.file("bad.py", "n_layer = True\n"), *[a for a in c.train() if not a.startswith("--n_layer")]],
+     ["--n_layer=True", "expected int"]),
     # train.py: data and folders
     ("dataset missing", "train.py", lambda c: c.train(data_dir=str(c.tmp), dataset="absent"),
      ["'absent'", "not prepared", "data/prepare.py"]),
@@ -369,6 +373,27 @@ def test_resuming_a_finished_run_says_nothing_to_do_and_exits_0(trained_run):
     result = cli("train.py", ["--resume", f"--out_dir={trained_run}"])
     assert result.code == 0 and "nothing to do" in result.stdout, result
     assert snapshot(trained_run) == before
+
+
+def test_a_folder_written_with_a_tilde_lies_in_the_home_folder_for_train_sample_and_compare(char_data, tmp_path,
+                                                                                            monkeypatch):
+    """--out_dir=~/run means $HOME/run, as a shell reads it, not a folder named ~ in the current one."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    trained = cli("train.py", command_line(tiny_run_settings(char_data, "~/run")))
+    assert trained.code == 0 and f"checkpoints in {home / 'run'}/" in trained.stdout, trained
+    sampled = cli("sample.py", ["--out_dir=~/run", "--max_new_tokens=2", "--num_samples=1"])
+    assert sampled.code == 0 and str(home / "run" / "best.pt") in sampled.stderr, sampled
+    shutil.copytree(home / "run", home / "grid" / "delta" / "seed_1337")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert compare.main(["--report", "~/grid"]) == 0
+    assert (home / "grid" / "report.md").is_file() and str(home / "grid") in out.getvalue()
+    assert list(elsewhere.iterdir()) == []
+    refused = cli("train.py", command_line(tiny_run_settings(char_data, "~no_such_user_here/run")))
+    assert_one_error_line(refused, "--out_dir=~no_such_user_here/run", "home folder", "full path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,6 +626,13 @@ def test_the_real_command_lines_end_in_one_error_line(background):
         assert result.code == 0 and result.stderr == "" and "settings (default shown):" in result.stdout, result
     assert any(line.split() == ["--n_layer=6", "transformer", "blocks"]
                for line in jobs.result("train --help").stdout.splitlines())
+
+
+def test_help_says_that_a_config_file_is_python_run_as_it_is(background):
+    """A config file can do anything Python can (os._exit ends the run silently): --help says so."""
+    jobs, _, _ = background
+    usage = " ".join(jobs.result("train --help").stdout.split())
+    assert "a config file is Python, run as it is: keep it to assignments" in usage
 
 
 def test_without_a_cxx_compiler_compile_is_refused_in_one_line_and_the_default_says_why_it_is_off(background):

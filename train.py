@@ -241,7 +241,10 @@ def train(cfg, state=None):
 def run(cfg, state, procs, stop):
     """Evaluate every eval_interval steps, train one step, log every log_interval steps."""
     start_step = state["iter_num"] if state is not None else 0
-    if start_step >= cfg.max_iters:
+    # On resume the checkpoint was written right after this step's evaluation, which is logged already
+    # (unless a stop came during it: then the checkpoint holds no val_loss, and the evaluation runs again).
+    evaluated, val_loss = (start_step, state["val_loss"]) if state and state["val_loss"] is not None else (-1, None)
+    if start_step > cfg.max_iters or start_step == cfg.max_iters == evaluated:
         if procs.master:
             print(f"nothing to do: {cfg.out_dir}/ckpt.pt is at iter {start_step} and max_iters is {cfg.max_iters} "
                   "(raise --max_iters to train on)")
@@ -251,9 +254,6 @@ def run(cfg, state, procs, stop):
     # The validation windows depend on neither the iteration nor --seed: every evaluation of every run
     # (any seed, any residual mode) scores the same text, so their losses compare directly.
     val_offsets = val_data.offsets((cfg.eval_iters, cfg.batch_size), seed=VALIDATION_SEED)
-    # On resume the checkpoint was written right after this step's evaluation, which is logged already
-    # (unless a stop came during it: then the checkpoint holds no val_loss, and the evaluation runs again).
-    evaluated, val_loss = (start_step, state["val_loss"]) if state and state["val_loss"] is not None else (-1, None)
     for step in range(start_step, cfg.max_iters + 1):
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != evaluated:
             scores = evaluate(model, val_data, val_offsets, autocast, procs, stop)

@@ -87,15 +87,15 @@ class RunLog:
         try:
             tmp.write_text("".join(json.dumps(entry) + "\n" for entry in self.kept), encoding="utf-8")
             os.replace(tmp, self.path)
-            self.file = open(self.path, "a", encoding="utf-8")
+            # unbuffered: a write that fails (a full disk) leaves nothing behind to fail again at exit
+            self.file = open(self.path, "ab", buffering=0)
         except OSError as error:
             tmp.unlink(missing_ok=True)
             raise TrainingError(write_trouble(self.path, error)) from None
 
     def write(self, **entry):
         try:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
+            self.file.write((json.dumps(entry) + "\n").encode("utf-8"))
         except OSError as error:
             raise TrainingError(write_trouble(self.path, error) + "; ckpt.pt, if any, is intact: --resume "
                                 "continues from it") from None

@@ -473,6 +473,7 @@ def test_every_setting_has_a_help_comment(script):
 # ----------------------------------------------------------------------------------------------
 # real command lines, started together in the background
 
+EVAL_STOP_BATCHES = 10**6  # validation batches: minutes of evaluation even for the tiny model
 SIGNAL_RUN = dict(max_iters=200, eval_interval=1000, log_interval=1, dropout=0.1, warmup_iters=10)
 
 
@@ -480,7 +481,7 @@ class Background:
     """Subprocesses started at once: `python ARGS` with the test environment, output captured."""
 
     def __init__(self):
-        self.processes, self.results = {}, {}
+        self.processes, self.results, self.signalled, self.ended = {}, {}, {}, {}
 
     def start(self, name, args, preexec_fn=None, env=SUBPROCESS_ENV, **kwargs):
         self.processes[name] = subprocess.Popen(
@@ -491,6 +492,7 @@ class Background:
         if name not in self.results:
             stdout, stderr = self.processes[name].communicate(timeout=TIMEOUT)
             self.results[name] = Result(self.processes[name].returncode, stdout, stderr)
+            self.ended[name] = time.time()
         return self.results[name]
 
     def wait_for_progress(self, runs, lines, then=lambda name: None):
@@ -594,8 +596,20 @@ def background(char_data, trained_run, tmp_path_factory):
             jobs.start(name, ["train.py", *command_line(tiny_run_settings(char_data, tmp / name, **SIGNAL_RUN))])
         jobs.start("locked", ["train.py", *command_line(tiny_run_settings(
             char_data, tmp / "locked", max_iters=100000, eval_interval=100000, log_interval=10))])
+        # a disk full from the start: nothing at all can be written (the out_dir probe fails), or a
+        # byte but not a log line
+        jobs.start("full from the start", ["train.py", *command_line(tiny_run_settings(char_data, tmp / "full0"))],
+                   preexec_fn=limit_file_size(0))
+        jobs.start("full at the log", ["train.py", *command_line(tiny_run_settings(char_data, tmp / "full64"))],
+                   preexec_fn=limit_file_size(64))
+        # a stop during an evaluation that would take many minutes: the finished run, resumed to 6 steps
+        shutil.copytree(trained_run, tmp / "eval-stop")
+        jobs.start("eval stop", ["train.py", "--resume", f"--out_dir={tmp / 'eval-stop'}", "--max_iters=6",
+                                 f"--eval_iters={EVAL_STOP_BATCHES}"])
         jobs.wait_for_progress({name: tmp / name for name in ("SIGINT", "SIGTERM")}, lines=3,
                                then=lambda name: jobs.processes[name].send_signal(getattr(signal, name)))
+        jobs.wait_for_progress({"eval stop": tmp / "eval-stop"}, lines=6, then=lambda name: (
+            jobs.processes[name].send_signal(signal.SIGTERM), jobs.signalled.update({name: time.time()})))
         yield jobs, tmp, full
     finally:
         jobs.stop_all()
@@ -652,6 +666,32 @@ def test_settings_too_large_for_the_machine_are_refused_in_one_line(background):
     for (argument, names), (code, stderr) in zip(HUGE_CASES, json.loads(result.stdout)):
         assert isinstance(code, str) and "\n" not in code and code.startswith("error: "), (argument, code, stderr)
         assert all(name in code for name in names), (argument, code)
+
+
+def test_a_disk_full_from_the_start_ends_in_one_error_line_naming_the_folder_or_the_file(background):
+    jobs, tmp, _ = background
+    assert_one_error_line(jobs.result("full from the start"), f"--out_dir={tmp / 'full0'}", "cannot be written")
+    assert_one_error_line(jobs.result("full at the log"), f"could not write {tmp / 'full64' / 'log.jsonl'}")
+    assert not list((tmp / "full0").iterdir())
+
+
+def test_a_stop_during_a_long_evaluation_is_honoured_at_once_and_resume_evaluates_that_step(background):
+    """SIGTERM is followed by SIGKILL after a scheduler's grace period: the flag is read between evaluation
+    batches, the step is saved without a val_loss, and --resume runs its evaluation again, logged once."""
+    jobs, tmp, _ = background
+    out_dir = tmp / "eval-stop"
+    result = jobs.result("eval stop")
+    assert result.code == 143 and "stopped at iter 6, saved" in result.stdout, result
+    assert "Traceback" not in result.stdout + result.stderr, result
+    assert jobs.ended["eval stop"] - jobs.signalled["eval stop"] < 60  # the whole evaluation takes many minutes
+    state = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert state["iter_num"] == 6 and state["val_loss"] is None
+    assert [step for step, _ in logged(out_dir, "val_loss")] == [0, 2, 4]
+
+    resumed = cli("train.py", ["--resume", f"--out_dir={out_dir}", "--eval_iters=2"])
+    assert resumed.code == 0, resumed
+    assert [step for step, _ in logged(out_dir, "val_loss")] == [0, 2, 4, 6]
+    assert iters_by_kind(out_dir)["done"] == [6]
 
 
 def test_a_full_disk_ends_in_one_error_line_and_keeps_the_previous_checkpoint(background, trained_run):

@@ -199,7 +199,9 @@ def summarize(entries):
                 final=done.get("final_val_loss", evals[-1]["val_loss"]),
                 accuracy_best=max(accuracy, default=None), accuracy_final=accuracy[-1] if accuracy else None,
                 tokens_per_sec=[entry["tokens_per_sec"] for entry in entries if entry.get("tokens_per_sec")],
-                elapsed=done.get("elapsed_s", entries[-1].get("elapsed_s")))
+                elapsed=done.get("elapsed_s", entries[-1].get("elapsed_s")),
+                residual=next((entry["run"].get("config", {}).get("residual") for entry in entries
+                               if isinstance(entry.get("run"), dict)), None))
 
 
 def device_names(out):
@@ -371,7 +373,10 @@ def write_figures(out, runs):
         ax.set_xticks(range(0, len(iters), every), iters[::every])
         ax.set(xlabel="iteration", title=f"{name}: mean gate beta over {len(seeds)} seed(s)")
         colorbar = fig.colorbar(image, ticks=[0, 1, 2])
-        colorbar.ax.set_yticklabels(["identity (0)", "overwrite (1)", "reflection (2)"])
+        # without the erase term (residual=write) the gate scales v alone: 2 writes 2v, it reflects nothing
+        erase_free = any(run["residual"] == "write" for run in seeds.values())
+        colorbar.ax.set_yticklabels(["identity (0)", "writes v (1)", "writes 2v (2)"] if erase_free else
+                                    ["identity (0)", "overwrite (1)", "reflection (2)"])
         fig.tight_layout()
         fig.savefig(Path(out, f"gates_{name}.png"))
         plt.close(fig)

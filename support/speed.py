@@ -54,7 +54,7 @@ def compile_plan(compile, compile_mode, device, micro_steps=1, distributed=False
     why = ""
     if compile is None and not on:
         # On a 2-core CPU the first compilation took about 55 s for a 30% faster step: it does not pay in a
-        # run of a minute (docs/PERFORMANCE.md, Laptop CPU). Later runs reuse the kernels, cached on disk.
+        # run of a minute (README, Laptop CPU). Later runs reuse the kernels, cached on disk.
         why = f" ({blocker})" if blocker else (" (off by default on the CPU: the first compilation takes "
                                                "longer than a short run saves; --compile=True turns it on)")
     # CUDA graphs replay a whole step in one launch: at the baby GPT's size, where launching kernels

@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from configurator import ConfigError, parse_overrides, run_cli
-from ddl_gpt import GPT, GPTConfig
-from runtime import (autocast_for, check_memory, check_speed_settings, compile_blocker, device_name, kernel_blocker,
-                     peak_tflops, pick_device, pick_dtype, use_kernels)
+from ddl_gpt import GPT
+from support.configurator import ConfigError, parse_overrides, run_cli
+from support.device import autocast_for, check_memory, device_name, peak_tflops, pick_device, pick_dtype
+from support.settings import MODE_SYNTAX, check_counts, model_config, parse_mode
+from support.speed import check_fused, check_speed_settings, compile_plan, use_kernels
 
 
 @dataclasses.dataclass
@@ -43,15 +44,12 @@ class BenchConfig:
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 
 
-def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
+def bench_mode(cfg, config, device, dtype, plan):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, residual=residual, d_v=d_v,
-                          state_dtype=cfg.state_dtype)).to(device)
-    fused, _ = use_kernels(model, cfg.fused, use_compile)
+    model = GPT(config).to(device)
+    fused, _ = use_kernels(model, cfg.fused, plan.on)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-    mode = cfg.compile_mode if cfg.compile_mode != "auto" else "reduce-overhead" if device.type == "cuda" else "default"
-    step_model = torch.compile(model, mode=mode) if use_compile else model
+    step_model = torch.compile(model, mode=plan.mode) if plan.on else model
     autocast = autocast_for(device, dtype)
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)  # (B, T)
     y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)  # (B, T)
@@ -79,52 +77,41 @@ def bench_mode(cfg, residual, d_v, device, dtype, use_compile):
     return statistics.median(times), memory, t_compile, model.flops_per_token(), model.num_params(), fused
 
 
-def parse_modes(text):
-    """[(residual, d_v)] from "add,delta,delta:4"."""
-    modes = []
-    for item in text.split(","):
-        residual, _, d_v = item.strip().partition(":")
+def mode_configs(cfg):
+    """The GPTConfig of each mode of --modes ("add,delta,delta:4"), the settings' shape with its residual and d_v."""
+    configs = []
+    for item in cfg.modes.split(","):
         try:
-            modes.append((residual, int(d_v) if d_v else 1))
-            GPTConfig(residual=residual, d_v=modes[-1][1])
-        except ValueError as error:
-            raise ConfigError(f"--modes: {item!r} is not a mode ({error}); write residual[:d_v], e.g. add,delta,delta:4") from None
-    return modes
+            residual, d_v = parse_mode(item.strip())
+            configs.append(model_config(cfg, residual=residual, d_v=d_v or 1))
+        except (ValueError, ConfigError) as error:
+            raise ConfigError(f"--modes: {item!r} is not a mode ({error}); write {MODE_SYNTAX}") from None
+    return configs
 
 
 def main(argv):
     cfg = BenchConfig(**parse_overrides(BenchConfig, argv))
-    modes = parse_modes(cfg.modes)
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size", "steps"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be at least 1")
-    for key in ("warmup", "grad_clip"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"--{key}={getattr(cfg, key)}: must not be negative")
+    check_counts(cfg, at_least_one=["n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size", "steps"],
+                 not_negative=["warmup", "grad_clip"])
     check_speed_settings(cfg.compile_mode, cfg.gpu_peak_tflops)
-    try:
-        shape = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, d_v=max(d_v for _, d_v in modes), state_dtype=cfg.state_dtype)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    model_config(cfg)  # the shape's own checks (head sizes, state_dtype) first, named as settings
+    configs = mode_configs(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    for residual, d_v in modes:
-        blocker = kernel_blocker(device, dataclasses.replace(shape, residual=residual, d_v=d_v))
-        if cfg.fused and blocker and residual != "add":
-            raise ConfigError(f"--fused=True: {blocker}; use --fused=False")
-    check_memory(shape, cfg.batch_size, device, "Lower --batch_size and --block_size, or run it on a GPU.")
-    blocker = compile_blocker(device)
-    if cfg.compile and blocker:
-        raise ConfigError(f"--compile=True: {blocker}; use --compile=False")
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and blocker is None
+    for config in configs:
+        if config.residual != "add":  # add runs as the reference whatever --fused says
+            check_fused(cfg.fused, device, config)
+    check_memory(max(configs, key=lambda config: config.d_v), cfg.batch_size, device,
+                 "Lower --batch_size and --block_size, or run it on a GPU.")
+    plan = compile_plan(cfg.compile, cfg.compile_mode, device)
     torch.set_float32_matmul_precision("high")
     peak = peak_tflops(device, cfg.gpu_peak_tflops) if dtype != "float32" else None
-    print(f"{device_name(device)}, torch {torch.__version__}, {dtype}, compile {use_compile}; {cfg.n_layer}L "
+    print(f"{device_name(device)}, torch {torch.__version__}, {dtype}, compile {plan.on}; {cfg.n_layer}L "
           f"d={cfg.n_embd} {cfg.n_head} heads, T={cfg.block_size}, B={cfg.batch_size}", flush=True)
     rows, reference = [], None
-    for residual, d_v in modes:
-        seconds, memory, t_compile, flops, params, fused = bench_mode(cfg, residual, d_v, device, dtype, use_compile)
+    for config in configs:
+        residual, d_v = config.residual, config.d_v
+        seconds, memory, t_compile, flops, params, fused = bench_mode(cfg, config, device, dtype, plan)
         tokens_per_sec = cfg.batch_size * cfg.block_size / seconds
         reference = reference or tokens_per_sec
         mfu = f"{100 * flops * tokens_per_sec / (peak * 1e12):.1f}%" if peak else "-"

@@ -45,10 +45,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from configurator import ConfigError, fields_of, parse_overrides, unknown_key_error
+from support.configurator import ConfigError, parse_overrides, unknown_key_error
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
-RESIDUALS = ("add", "delta", "write")
 SET_BY_COMPARE = ("seed", "out_dir", "resume")
 SYNTAX = "[NAME=]RESIDUAL[:D_V][+key=value...], e.g. delta:4 or nodrop=delta+dropout=0"
 HOW_TO_READ = ("How to read: lower loss is better. p is the two-sided probability of a difference at least this "
@@ -57,20 +56,21 @@ HOW_TO_READ = ("How to read: lower loss is better. p is the two-sided probabilit
                "No correction for several comparisons.")
 
 
-def setting(default, meaning):
-    return dataclasses.field(default=default, metadata={"help": meaning})
+def setting(default, meaning, path=False):
+    return dataclasses.field(default=default, metadata={"help": meaning, "path": path})
 
 
 @dataclasses.dataclass
 class CompareConfig:
     variants: str = setting("add,delta", f"comma-separated variants, each {SYNTAX}; the first is the reference")
     seeds: str = setting("1337,1,2", "comma-separated seeds; every variant runs once with each")
-    out: str = setting("out-compare", "folder of the grid: OUT/VARIANT/seed_S per run, the report and figures")
+    out: str = setting("out-compare", "folder of the grid: OUT/VARIANT/seed_S per run, the report and figures",
+                       path=True)
     parallel: int = setting(1, "runs at a time; runs that share a GPU have timings that do not compare")
     devices: str = setting("", "comma-separated devices (cuda:0,cuda:1); each run gets --device= of the least "
                                "busy one. Empty: train.py picks")
     report_only: bool = setting(False, "start no run: re-read the finished runs in --out and write the report")
-    report: str = setting("", "--report=OUT or --report OUT: the same as --report_only --out=OUT")
+    report: str = setting("", "--report=OUT or --report OUT: the same as --report_only --out=OUT", path=True)
 
 
 class CompareError(Exception):
@@ -89,12 +89,14 @@ class Variant:
 
 
 def parse_variant(spec):
+    from support.settings import parse_mode  # imports torch (through ddl_gpt.py): not needed for --report
     head, *pairs = spec.split("+")
     name, base = head.split("=", 1) if "=" in head else ("", head)
-    residual, colon, d_v = base.partition(":")
-    if residual not in RESIDUALS or (colon and not d_v.isdigit()):
-        raise CompareError(f"variant {spec!r}: expected {SYNTAX}, where RESIDUAL is one of {', '.join(RESIDUALS)}")
-    settings = {"residual": residual} | ({"d_v": d_v} if colon else {})
+    try:
+        residual, d_v = parse_mode(base)
+    except ValueError as error:
+        raise CompareError(f"variant {spec!r}: {error}; a variant is {SYNTAX}") from None
+    settings = {"residual": residual} | ({"d_v": str(d_v)} if d_v is not None else {})
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not key or not eq:
@@ -102,7 +104,7 @@ def parse_variant(spec):
         if key in settings or key in SET_BY_COMPARE:
             raise CompareError(f"variant {spec!r}: --{key} is set twice or by compare.py itself; drop it")
         settings[key] = value
-    name = name or (residual + (f"_dv{d_v}" if colon else "") + "".join(f"+{pair}" for pair in pairs))
+    name = name or (residual + (f"_dv{d_v}" if d_v is not None else "") + "".join(f"+{pair}" for pair in pairs))
     if not re.fullmatch(r"[\w][\w.+=-]*", name):
         raise CompareError(f"variant {spec!r}: {name!r} cannot be a folder name; name the variant: NAME={base}...")
     return Variant(name, spec, settings)
@@ -197,7 +199,9 @@ def summarize(entries):
                 final=done.get("final_val_loss", evals[-1]["val_loss"]),
                 accuracy_best=max(accuracy, default=None), accuracy_final=accuracy[-1] if accuracy else None,
                 tokens_per_sec=[entry["tokens_per_sec"] for entry in entries if entry.get("tokens_per_sec")],
-                elapsed=done.get("elapsed_s", entries[-1].get("elapsed_s")))
+                elapsed=done.get("elapsed_s", entries[-1].get("elapsed_s")),
+                residual=next((entry["run"].get("config", {}).get("residual") for entry in entries
+                               if isinstance(entry.get("run"), dict)), None))
 
 
 def device_names(out):
@@ -369,7 +373,10 @@ def write_figures(out, runs):
         ax.set_xticks(range(0, len(iters), every), iters[::every])
         ax.set(xlabel="iteration", title=f"{name}: mean gate beta over {len(seeds)} seed(s)")
         colorbar = fig.colorbar(image, ticks=[0, 1, 2])
-        colorbar.ax.set_yticklabels(["identity (0)", "overwrite (1)", "reflection (2)"])
+        # without the erase term (residual=write) the gate scales v alone: 2 writes 2v, it reflects nothing
+        erase_free = any(run["residual"] == "write" for run in seeds.values())
+        colorbar.ax.set_yticklabels(["identity (0)", "writes v (1)", "writes 2v (2)"] if erase_free else
+                                    ["identity (0)", "overwrite (1)", "reflection (2)"])
         fig.tight_layout()
         fig.savefig(Path(out, f"gates_{name}.png"))
         plt.close(fig)
@@ -470,7 +477,7 @@ def split_arguments(argv):
 def check_train_settings(files, common, variants):
     """Read each variant's settings as train.py will, so that a mistake stops the grid before any run
     starts rather than failing every run; returns {variant name: max_iters}."""
-    from ddl_gpt import GPTConfig  # these import torch: only after the quick checks have passed
+    from support.settings import model_config  # these import torch: only after the quick checks have passed
     from train import TrainConfig
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
     for arg in common:
@@ -481,7 +488,7 @@ def check_train_settings(files, common, variants):
     for variant in variants:
         try:
             cfg = TrainConfig(**parse_overrides(TrainConfig, [*files, *common, *variant.arguments]))
-            GPTConfig(**fields_of(GPTConfig, dataclasses.asdict(cfg)))
+            model_config(cfg)
         except (ConfigError, ValueError, TypeError, SyntaxError) as error:  # SyntaxError: in a config file
             raise CompareError(f"variant {variant.name}: {error}") from None
         max_iters[variant.name] = cfg.max_iters

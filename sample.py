@@ -25,11 +25,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 from ddl_gpt import GPT, GPTConfig  # noqa: E402
 from generate import generate  # noqa: E402
-from runtime import load_checkpoint, model_from_checkpoint, pick_device, pick_dtype  # noqa: E402
-from tokenizer import from_meta  # noqa: E402
+from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from support.device import pick_device, pick_dtype  # noqa: E402
+from support.tokenizer import from_meta  # noqa: E402
 
 
 @dataclasses.dataclass

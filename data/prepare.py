@@ -23,8 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts in data/*/ import this file and the project's modules
 
-from configurator import UserError, parse_overrides, run_cli  # noqa: E402
-from tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
+from support.configurator import UserError, parse_overrides, run_cli  # noqa: E402
+from support.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 MAX_VOCAB = 2**16  # ids are stored as uint16
 

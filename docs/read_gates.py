@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 from ddl_gpt import DeltaUpdate, GPTConfig  # noqa: E402
 
 

@@ -9,7 +9,7 @@ what to do (`fix`), so that no script ends in a decoding traceback.
 import json
 from pathlib import Path
 
-from configurator import UserError
+from support.configurator import UserError
 
 
 def read_text(path, fix):

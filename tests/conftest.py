@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 
 from data.prepare import prepare  # noqa: E402
 from ddl_gpt import GPT, GPTConfig  # noqa: E402
-from tokenizer import GPT2Tokenizer, TokenizerError  # noqa: E402
+from support.tokenizer import GPT2Tokenizer, TokenizerError  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
 
 # Models this small run several times faster on one thread than on two competing ones; the

@@ -32,12 +32,14 @@ import pytest
 import torch
 
 import bench as bench_module
+import compare
 import data.prepare as prepare_module
 import sample as sample_module
 import train as train_module
-from configurator import UserError, field_help, run_cli
+from support.configurator import UserError, field_help, run_cli
 from conftest import REPO, SUBPROCESS_ENV, command_line, logged, run_training, tiny_run_settings
-from runtime import pick_device, pick_dtype
+from support.device import pick_device, pick_dtype
+from support.settings import check_settings
 from train import TrainConfig, resolve_config
 
 TIMEOUT = 180  # seconds for one subprocess: the CPU is shared and slow
@@ -146,11 +148,11 @@ class Context:
         damage(folder)
         return dict(data_dir=str(self.tmp / "data"), dataset="tiny")
 
-    def run(self, damage=None):
-        """A copy of the finished run, its ckpt.pt damaged by damage(path)."""
+    def run(self, damage=None, file="ckpt.pt"):
+        """A copy of the finished run, its ckpt.pt (or another of its files) damaged by damage(path)."""
         self.run_dir = Path(shutil.copytree(self.trained, self.tmp / "run"))
         if damage:
-            damage(self.run_dir / "ckpt.pt")
+            damage(self.run_dir / file)
         return self.run_dir
 
 
@@ -174,6 +176,11 @@ def reverse_chars(folder):
 
 def truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def cut_val_to_50_tokens(folder):
+    """val.bin cut short while meta.json still records its full length."""
+    (folder / "val.bin").write_bytes((folder / "val.bin").read_bytes()[:100])
 
 
 TEXT, BINARY = "some text\n" * 20, b"\x00\x01\xff binary"
@@ -228,6 +235,9 @@ CASES = [
     ("config bad value", "train.py", lambda c: [c.file("bad.py", "d_v = [2]\n"), *c.train()], ["--d_v", "int"]),
     ("config unknown name", "train.py", lambda c: [c.file("bad.py", "n_layers = 2\n"), *c.train()],
      ["did you mean --n_layer?"]),
+    ("config True as a number", "train.py",  # bool is an int in Python: True would train 1 layer
+     lambda c: [c.file("bad.py", "n_layer = True\n"), *[a for a in c.train() if not a.startswith("--n_layer")]],
+     ["--n_layer=True", "expected int"]),
     # train.py: data and folders
     ("dataset missing", "train.py", lambda c: c.train(data_dir=str(c.tmp), dataset="absent"),
      ["'absent'", "not prepared", "data/prepare.py"]),
@@ -241,6 +251,8 @@ CASES = [
     ("meta.json vocab 0", "train.py", lambda c: c.train(**c.dataset(set_vocab(0))), ["meta.json", "damaged"]),
     ("meta.json vocab 1.5", "train.py", lambda c: c.train(**c.dataset(set_vocab(1.5))), ["meta.json", "damaged"]),
     ("tokens past vocab", "train.py", lambda c: c.train(**c.dataset(set_vocab(5))), ["train.bin", "vocabulary of 5"]),
+    ("val.bin shorter than meta.json", "train.py", lambda c: c.train(**c.dataset(cut_val_to_50_tokens)),
+     ["val.bin", "holds 50 tokens", "meta.json records", "prepare the dataset again"]),
     ("block_size too long", "train.py", lambda c: c.train("--block_size=100000"), ["--block_size", "too few"]),
     ("out_dir under a file", "train.py", lambda c: c.train(out_dir=c.file("plain", "") + "/out"),
      ["--out_dir", "cannot be written"]),
@@ -258,6 +270,9 @@ CASES = [
     ("resume on other characters", "train.py",
      lambda c: ["--resume", f"--out_dir={c.run()}", "--max_iters=8", *command_line(c.dataset(reverse_chars))],
      ["cannot resume on dataset 'tiny'", "--dataset="]),
+    ("resume with a binary log.jsonl", "train.py",
+     lambda c: ["--resume", f"--out_dir={c.run(lambda p: p.write_bytes(BINARY), 'log.jsonl')}", "--max_iters=6"],
+     ["log.jsonl", "not UTF-8", "move it aside"]),
     ("resume bad setting", "train.py", lambda c: ["--resume", f"--out_dir={c.run()}", "--max_iters=8", "--min_lr=1"],
      ["--min_lr"]),
     # sample.py
@@ -360,6 +375,27 @@ def test_resuming_a_finished_run_says_nothing_to_do_and_exits_0(trained_run):
     assert snapshot(trained_run) == before
 
 
+def test_a_folder_written_with_a_tilde_lies_in_the_home_folder_for_train_sample_and_compare(char_data, tmp_path,
+                                                                                            monkeypatch):
+    """--out_dir=~/run means $HOME/run, as a shell reads it, not a folder named ~ in the current one."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    trained = cli("train.py", command_line(tiny_run_settings(char_data, "~/run")))
+    assert trained.code == 0 and f"checkpoints in {home / 'run'}/" in trained.stdout, trained
+    sampled = cli("sample.py", ["--out_dir=~/run", "--max_new_tokens=2", "--num_samples=1"])
+    assert sampled.code == 0 and str(home / "run" / "best.pt") in sampled.stderr, sampled
+    shutil.copytree(home / "run", home / "grid" / "delta" / "seed_1337")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert compare.main(["--report", "~/grid"]) == 0
+    assert (home / "grid" / "report.md").is_file() and str(home / "grid") in out.getvalue()
+    assert list(elsewhere.iterdir()) == []
+    refused = cli("train.py", command_line(tiny_run_settings(char_data, "~no_such_user_here/run")))
+    assert_one_error_line(refused, "--out_dir=~no_such_user_here/run", "home folder", "full path")
+
+
 # ----------------------------------------------------------------------------------------------
 # fuzz: random command lines through the settings checks
 
@@ -394,7 +430,7 @@ def test_random_command_lines_give_a_checked_config_or_one_user_error(tmp_path, 
     for argv in every_pair + [[fuzz_argument(rng) for _ in range(rng.randint(1, 6))] for _ in range(400)]:
         try:
             cfg, state = resolve_config(argv)
-            train_module.check_settings(cfg)
+            check_settings(cfg)
             pick_dtype(cfg.dtype, pick_device(cfg.device))
             assert state is None
             accepted += 1
@@ -437,6 +473,7 @@ def test_every_setting_has_a_help_comment(script):
 # ----------------------------------------------------------------------------------------------
 # real command lines, started together in the background
 
+EVAL_STOP_BATCHES = 10**6  # validation batches: minutes of evaluation even for the tiny model
 SIGNAL_RUN = dict(max_iters=200, eval_interval=1000, log_interval=1, dropout=0.1, warmup_iters=10)
 
 
@@ -444,7 +481,7 @@ class Background:
     """Subprocesses started at once: `python ARGS` with the test environment, output captured."""
 
     def __init__(self):
-        self.processes, self.results = {}, {}
+        self.processes, self.results, self.signalled, self.ended = {}, {}, {}, {}
 
     def start(self, name, args, preexec_fn=None, env=SUBPROCESS_ENV, **kwargs):
         self.processes[name] = subprocess.Popen(
@@ -455,6 +492,7 @@ class Background:
         if name not in self.results:
             stdout, stderr = self.processes[name].communicate(timeout=TIMEOUT)
             self.results[name] = Result(self.processes[name].returncode, stdout, stderr)
+            self.ended[name] = time.time()
         return self.results[name]
 
     def wait_for_progress(self, runs, lines, then=lambda name: None):
@@ -500,7 +538,7 @@ sys.path.insert(0, '.')
 import torch
 torch.set_num_threads(1)
 import train
-from configurator import run_cli
+from support.configurator import run_cli
 results = []
 for argv in json.loads(sys.stdin.readline()):
     err = io.StringIO()
@@ -558,8 +596,20 @@ def background(char_data, trained_run, tmp_path_factory):
             jobs.start(name, ["train.py", *command_line(tiny_run_settings(char_data, tmp / name, **SIGNAL_RUN))])
         jobs.start("locked", ["train.py", *command_line(tiny_run_settings(
             char_data, tmp / "locked", max_iters=100000, eval_interval=100000, log_interval=10))])
+        # a disk full from the start: nothing at all can be written (the out_dir probe fails), or a
+        # byte but not a log line
+        jobs.start("full from the start", ["train.py", *command_line(tiny_run_settings(char_data, tmp / "full0"))],
+                   preexec_fn=limit_file_size(0))
+        jobs.start("full at the log", ["train.py", *command_line(tiny_run_settings(char_data, tmp / "full64"))],
+                   preexec_fn=limit_file_size(64))
+        # a stop during an evaluation that would take many minutes: the finished run, resumed to 6 steps
+        shutil.copytree(trained_run, tmp / "eval-stop")
+        jobs.start("eval stop", ["train.py", "--resume", f"--out_dir={tmp / 'eval-stop'}", "--max_iters=6",
+                                 f"--eval_iters={EVAL_STOP_BATCHES}"])
         jobs.wait_for_progress({name: tmp / name for name in ("SIGINT", "SIGTERM")}, lines=3,
                                then=lambda name: jobs.processes[name].send_signal(getattr(signal, name)))
+        jobs.wait_for_progress({"eval stop": tmp / "eval-stop"}, lines=6, then=lambda name: (
+            jobs.processes[name].send_signal(signal.SIGTERM), jobs.signalled.update({name: time.time()})))
         yield jobs, tmp, full
     finally:
         jobs.stop_all()
@@ -592,6 +642,13 @@ def test_the_real_command_lines_end_in_one_error_line(background):
                for line in jobs.result("train --help").stdout.splitlines())
 
 
+def test_help_says_that_a_config_file_is_python_run_as_it_is(background):
+    """A config file can do anything Python can (os._exit ends the run silently): --help says so."""
+    jobs, _, _ = background
+    usage = " ".join(jobs.result("train --help").stdout.split())
+    assert "a config file is Python, run as it is: keep it to assignments" in usage
+
+
 def test_without_a_cxx_compiler_compile_is_refused_in_one_line_and_the_default_says_why_it_is_off(background):
     jobs, tmp, _ = background
     assert_one_error_line(jobs.result("compile without C++"), "--compile=True", "C++ compiler", "--compile=False")
@@ -609,6 +666,32 @@ def test_settings_too_large_for_the_machine_are_refused_in_one_line(background):
     for (argument, names), (code, stderr) in zip(HUGE_CASES, json.loads(result.stdout)):
         assert isinstance(code, str) and "\n" not in code and code.startswith("error: "), (argument, code, stderr)
         assert all(name in code for name in names), (argument, code)
+
+
+def test_a_disk_full_from_the_start_ends_in_one_error_line_naming_the_folder_or_the_file(background):
+    jobs, tmp, _ = background
+    assert_one_error_line(jobs.result("full from the start"), f"--out_dir={tmp / 'full0'}", "cannot be written")
+    assert_one_error_line(jobs.result("full at the log"), f"could not write {tmp / 'full64' / 'log.jsonl'}")
+    assert not list((tmp / "full0").iterdir())
+
+
+def test_a_stop_during_a_long_evaluation_is_honoured_at_once_and_resume_evaluates_that_step(background):
+    """SIGTERM is followed by SIGKILL after a scheduler's grace period: the flag is read between evaluation
+    batches, the step is saved without a val_loss, and --resume runs its evaluation again, logged once."""
+    jobs, tmp, _ = background
+    out_dir = tmp / "eval-stop"
+    result = jobs.result("eval stop")
+    assert result.code == 143 and "stopped at iter 6, saved" in result.stdout, result
+    assert "Traceback" not in result.stdout + result.stderr, result
+    assert jobs.ended["eval stop"] - jobs.signalled["eval stop"] < 60  # the whole evaluation takes many minutes
+    state = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert state["iter_num"] == 6 and state["val_loss"] is None
+    assert [step for step, _ in logged(out_dir, "val_loss")] == [0, 2, 4]
+
+    resumed = cli("train.py", ["--resume", f"--out_dir={out_dir}", "--eval_iters=2"])
+    assert resumed.code == 0, resumed
+    assert [step for step, _ in logged(out_dir, "val_loss")] == [0, 2, 4, 6]
+    assert iters_by_kind(out_dir)["done"] == [6]
 
 
 def test_a_full_disk_ends_in_one_error_line_and_keeps_the_previous_checkpoint(background, trained_run):

@@ -13,7 +13,7 @@ import tiktoken
 from conftest import REPO, SHARED_DATA, SUBPROCESS_ENV, run_training, tiny_run_settings, tiny_text
 from data.prepare import MAX_VOCAB, DataError, prepare
 from sample import SampleConfig, sample
-from tokenizer import CharTokenizer, TokenizerError
+from support.tokenizer import CharTokenizer, TokenizerError
 
 DATASET_FILES = ("train.bin", "val.bin", "meta.json")
 

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from configurator import run_cli
+from support.configurator import run_cli
 from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL, tiny_gpt
 from ddl_gpt import KVCache
-from runtime import load_checkpoint, model_from_checkpoint
+from support.checkpoint import load_checkpoint, model_from_checkpoint
 from sample import SampleConfig, main, new_text
-from tokenizer import from_meta
+from support.tokenizer import from_meta
 
 GENERATION_MODES = {
     "add": dict(residual="add"),

@@ -14,7 +14,7 @@ import torch
 import ddl_kernels
 from conftest import random_tokens, tiny_gpt
 from ddl_gpt import DeltaUpdate, GPTConfig
-from runtime import use_kernels
+from support.speed import use_kernels
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (CPU-only PyTorch)")

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from configurator import read_config_file
+from support.configurator import read_config_file
 from conftest import REPO, SUBPROCESS_ENV
 import data.reassign.prepare as reassign
 from data.reassign.prepare import (CHARS, ReassignConfig, answer_depths, answer_positions, answers_array,

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import train as train_module
-from configurator import ConfigError, parse_overrides
+from support.configurator import ConfigError, parse_overrides
 from conftest import logged, run_training, tiny_run_settings
-import runtime
-from runtime import CheckpointError, model_from_checkpoint
-from train import TokenFile, TrainConfig, TrainingError, learning_rate, resolve_config, step_seed, train
+from support import checkpoint
+from support.checkpoint import CheckpointError, model_from_checkpoint
+from support.configurator import TrainingError
+from support.dataset import TokenFile
+from train import TrainConfig, learning_rate, resolve_config, step_seed, train
 
 
 def resume(out_dir, *arguments):
@@ -127,7 +129,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoints_intact(traine
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(runtime.torch, "save", save_half_then_fail)
+    monkeypatch.setattr(checkpoint.torch, "save", save_half_then_fail)
     with pytest.raises(CheckpointError, match="could not write .*intact"):
         resume(trained_run_copy, "--max_iters=6")      # evaluates, then saves, at iteration 6
     assert file_bytes(trained_run_copy) == before

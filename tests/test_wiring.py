@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from conftest import MODES, TINY_MODEL, all_logits, perturb, random_tokens, tiny_gpt
-from ddl_gpt import Compress, DeltaUpdate, GPT, GPTConfig
+from ddl_gpt import Compress, DeltaUpdate, GPT, GPTConfig, gate_statistics
 
 VOCAB, T, D = TINY_MODEL["vocab_size"], TINY_MODEL["block_size"], TINY_MODEL["n_embd"]
 EPS = 1e-5   # RMSNorm eps and the eps of k = h / sqrt(|h|^2 + eps^2), DDL.md §2 and §4
@@ -362,6 +362,67 @@ def test_attention_dropout_acts_in_train_mode_only():
     assert torch.equal(attn.eval()(x, *tables(model)), undropped)
     torch.manual_seed(9)
     assert not torch.allclose(attn.train()(x, *tables(model)), undropped)
+
+
+@torch.no_grad()
+def test_dropout_at_h_drops_elements_of_h_and_then_writes_the_dropped_h_whole():
+    """dropout_at="h": in training the update writes exactly what evaluation writes for the dropped h (the
+    same mask, drawn from the same seed), and that mask drops about P of h's elements."""
+    model = perturb(tiny_gpt(residual="delta", d_v=4, dropout=P, dropout_at="h"))
+    update = model.transformer.h[0].update_attn
+    generator = torch.Generator().manual_seed(10)
+    X, x_in, c, h = (torch.randn(shape, generator=generator) for shape in ((2, T, D, 4), (2, T, D), (2, T, D), (2, T, D)))
+    torch.manual_seed(11)
+    written = update.train()(X, x_in, c, h)
+    torch.manual_seed(11)
+    h_dropped = nn.functional.dropout(h, P, training=True)
+    assert 0.35 < (h_dropped == 0).float().mean().item() < 0.65
+    torch.testing.assert_close(written, update.eval()(X, x_in, c, h_dropped), rtol=0, atol=1e-6)
+    assert not torch.allclose(written, update(X, x_in, c, h))   # so h was dropped, not passed whole
+
+
+# --- what gate_statistics reports, and the state's storage -------------------------------------
+
+@pytest.mark.parametrize("mode", ["delta", "write", "delta_dv4"])
+@torch.no_grad()
+def test_gate_statistics_are_each_updates_own_coefficients_with_the_state_read_before_its_write(mode):
+    """Per layer, [attention, MLP]: beta's mean and std, and mean |v - kᵀX| with X the state the update
+    received (before its write), recomputed from that update's own inputs; state_rms after each block."""
+    model = perturb(tiny_gpt(**MODES[mode])).eval()
+    blocks = model.transformer.h
+    recorder = Recorder([(f"{i}.{name}", getattr(block, f"update_{name}")) for i, block in enumerate(blocks)
+                         for name in ("attn", "mlp")] + [(f"{i}.block", block) for i, block in enumerate(blocks)])
+    idx = random_tokens()
+    model(idx)
+    recorder.remove()
+    stats = gate_statistics(model, idx)
+    for i, block in enumerate(blocks):
+        for j, name in enumerate(("attn", "mlp")):
+            [((X, x_in, c, h), _)] = recorder.of(f"{i}.{name}")
+            k, beta, v = getattr(block, f"update_{name}").coefficients(x_in, c, h)
+            rewrite = (v - torch.einsum("btd,btdj->btj", k, X.float())).abs().mean()
+            assert stats["beta_mean"][i][j] == pytest.approx(beta.mean().item(), abs=1e-6)
+            assert stats["beta_std"][i][j] == pytest.approx(beta.std().item(), abs=1e-6)
+            assert stats["rewrite"][i][j] == pytest.approx(rewrite.item(), abs=1e-6)
+        [(_, state)] = recorder.of(f"{i}.block")
+        assert stats["state_rms"][i] == pytest.approx(state.float().pow(2).mean().sqrt().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_blocks_output_state_is_stored_in_the_dtype_state_dtype_asks_for(mode, state_dtype):
+    """The cast to state_dtype happens at each write, not once at the readout: the state that every block
+    passes on, in training and in evaluation, is stored as asked."""
+    model = tiny_gpt(**MODES[mode], state_dtype=state_dtype)
+    blocks = list(model.transformer.h)
+    recorder = Recorder([(str(i), block) for i, block in enumerate(blocks)])
+    idx = random_tokens()
+    model.train()(idx, idx)
+    with torch.no_grad():
+        model.eval()(idx)
+    recorder.remove()
+    for i in range(len(blocks)):
+        assert [output.dtype for _, output in recorder.of(str(i))] == [getattr(torch, state_dtype)] * 2
 
 
 # --- causality at every position ----------------------------------------------------------------

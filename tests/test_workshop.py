@@ -19,8 +19,9 @@ import torch
 
 from conftest import REPO, tiny_gpt
 from ddl_gpt import DeltaUpdate, GPTConfig
-from train import TrainConfig, check_settings
-from configurator import parse_overrides
+from support.configurator import parse_overrides
+from support.settings import check_settings
+from train import TrainConfig
 
 DOCS = REPO / "docs"
 WORKSHOP = DOCS / "WORKSHOP.md"

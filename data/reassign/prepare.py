@@ -50,9 +50,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the project root, for data/prepare.py and configurator.py
 
-from configurator import ConfigError, parse_overrides  # noqa: E402
+from support.configurator import ConfigError, parse_overrides  # noqa: E402
 from data.prepare import encode, write_atomically  # noqa: E402
-from tokenizer import CharTokenizer  # noqa: E402
+from support.tokenizer import CharTokenizer  # noqa: E402
 
 NAMES, DIGITS = string.ascii_lowercase, string.digits
 # Every character the format can use, whatever the settings or seed, so that models trained on

@@ -6,7 +6,14 @@ Command-line and config-file settings for the scripts, checked against a datacla
 A config file is a Python file of plain assignments (`n_layer = 6`); `--key=value` arguments win
 over it, wherever they stand on the line. A bare `--flag` means `--flag=True`. Every key must be a
 field of the dataclass (a typo gets the closest valid name), and every value is converted to the
-field's type, so `--learning_rate=1` is the float 1.0 and `--compile=false` is False.
+field's type, so `--learning_rate=1` is the float 1.0 and `--compile=false` is False; a config file's
+True is not the number 1. A folder or file setting (a name ending in _dir, or marked `path`) that
+starts with ~ means the home folder, as in a shell.
+
+What a config file may do: it is Python, run as it is, so it can do anything Python can, and only its
+assignments are read back as settings. An error in it, or a sys.exit, is reported with its line; but
+os._exit or a kill of the process ends the run on the spot, with no message and whatever status it
+chose. Run only config files you trust, and keep them to assignments.
 """
 
 import dataclasses
@@ -29,7 +36,11 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    pass
+    """A setting that cannot work."""
+
+
+class TrainingError(UserError):
+    """A run that cannot start or go on: its dataset, its folder, or the checkpoint it resumes."""
 
 
 def field_type(field):
@@ -41,12 +52,27 @@ def field_type(field):
     return t, False
 
 
+def is_path(field):
+    """Whether a setting names a folder or file: its name ends in _dir, or its field is marked `path`."""
+    return field.name.endswith("_dir") or field.metadata.get("path", False)
+
+
+def expand_home(key, path):
+    """`path` with a leading ~ (or ~user) turned into that home folder, as a shell does; refused if there is none."""
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        raise ConfigError(f"--{key}={path}: {path.split('/')[0]} is no user's home folder here; write the full path")
+    return expanded
+
+
 def coerce(key, value, field):
     """Convert a command-line string (or a config-file value) to the type of `field`."""
     t, optional = field_type(field)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "auto"))):
         return None
     try:
+        if isinstance(value, bool) and t is not bool:  # bool is an int subclass: True would be 1 layer
+            raise ValueError
         if t is bool:
             if isinstance(value, bool):
                 return value
@@ -65,6 +91,8 @@ def coerce(key, value, field):
             if not math.isfinite(number):
                 raise ValueError
             return number
+        if is_path(field) and str(value).startswith("~"):
+            return expand_home(key, str(value))
         return str(value)
     except (TypeError, ValueError, OverflowError):
         allowed = " (or None)" if optional else ""

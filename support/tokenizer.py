@@ -7,7 +7,7 @@ The two tokenizers a dataset can use, and how a dataset's meta.json names them:
 
 import os
 
-from configurator import UserError
+from support.configurator import UserError
 
 
 class TokenizerError(UserError):

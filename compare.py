@@ -825,6 +825,9 @@ def main(argv):
         if cfg.repeat_of and not Path(cfg.repeat_of).is_dir():
             raise CompareError(f"--repeat_of={cfg.repeat_of} is not a folder; give the --out folder of the grid "
                                "that this one repeats")
+        if cfg.repeat_of and Path(cfg.repeat_of).resolve() == Path(cfg.report or cfg.out).resolve():
+            raise CompareError(f"--repeat_of={cfg.repeat_of} is this grid itself; give the folder of the earlier "
+                               "grid that this one repeats")
         if cfg.report or cfg.report_only:
             out = Path(cfg.report or cfg.out)
             if files or common or cfg.report == "True":

@@ -422,13 +422,28 @@ def test_a_damaged_file_in_the_grid_ends_the_report_in_one_line_naming_it_and_th
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.parametrize("damage", ["binary log", "compare.json not JSON"])
+def test_a_damaged_file_stops_the_grid_command_before_any_run_in_one_line(tmp_path, damage):
+    write_run(tmp_path, "add", 1, [3.0, 2.0])
+    if damage == "binary log":
+        (tmp_path / "add" / "seed_1" / "log.jsonl").write_bytes(b"\x00\xff" * 64)
+    else:
+        (tmp_path / "compare.json").write_text("{")
+    result = run_compare("--variants=add", "--seeds=1", f"--out={tmp_path}", "--max_iters=200")
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"error: {tmp_path}/")
+    assert "is damaged" in result.stderr and "restore it from a copy" in result.stderr
+    assert not (tmp_path / "add" / "seed_1" / "stdout.log").exists()    # no run started
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--report="], "error: --report= is empty; give a folder, e.g. --report=runs/baby"),
     (["--report", ""], "error: --report= is empty; give a folder"),
     (["--repeat_of=", "--report=grid"], "error: --repeat_of= is empty; give a folder"),
     (["--report=grid", "--repeat_of=nowhere"], "error: --repeat_of=nowhere is not a folder; give the --out folder"),
     (["--out="], "error: --out= is empty"),
-], ids=["report=", "report ''", "repeat_of=", "repeat_of missing", "out="])
+    (["--report=grid", "--repeat_of=./grid"], "error: --repeat_of=./grid is this grid itself"),
+], ids=["report=", "report ''", "repeat_of=", "repeat_of missing", "out=", "repeat_of itself"])
 def test_an_empty_or_missing_folder_is_refused_and_starts_no_grid(tmp_path, arguments, message):
     (tmp_path / "grid").mkdir()
     result = run_compare(*arguments, cwd=tmp_path)

@@ -18,12 +18,21 @@ first) or by a failed run picks up where it stopped.
 Variants are separated by commas; each is  [NAME=]RESIDUAL[:D_V][+key=value...]
 
     add, delta, write          --residual=add / delta / write          folder add, delta, write
-    delta:4                    --residual=delta --d_v=4                folder delta_dv4
+    delta:4, write:4           --residual=delta (write) --d_v=4        folder delta_dv4, write_dv4
     delta+dropout=0            any train.py setting after a '+'        folder delta+dropout=0
     nodrop=delta+dropout=0     the same, with its own name             folder nodrop
 
 A variant's settings win over those given for every run. The first variant is the reference that the
-others are tested against (Welch's t-test on the best validation loss).
+others are tested against: Welch's t-test of the best validation loss, with the difference's 95%
+confidence interval and p adjusted by Holm's method over the variants. Runs that log answer accuracy
+(the reassignment task) also get the runs that "click" (final accuracy above 0.7) with Fisher's exact
+test against the reference, and the step at which each clicking run first reaches 0.9.
+
+To see how far a run lands from the same run repeated (same variant and seed), run a second grid
+with the same variants and seeds into another folder and report it against the first:
+
+    python compare.py config/books.py --variants=add,delta:4 --seeds=1337,1,2 --out=runs/books-again
+    python compare.py --report runs/books-again --repeat_of=runs/books
 
 OUT receives report.md, curves.png and gates_VARIANT.png (figures need matplotlib:
 requirements-extra.txt), and compare.json (the commands and settings, for --report).
@@ -45,15 +54,29 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from support.configurator import ConfigError, parse_overrides, unknown_key_error
+from support.configurator import ConfigError, UserError, fields_of, parse_overrides, unknown_key_error
+from support.readback import read_json, read_jsonl
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 SET_BY_COMPARE = ("seed", "out_dir", "resume")
 SYNTAX = "[NAME=]RESIDUAL[:D_V][+key=value...], e.g. delta:4 or nodrop=delta+dropout=0"
-HOW_TO_READ = ("How to read: lower loss is better. p is the two-sided probability of a difference at least this "
-               "large if the two variants had the same mean; it is not a measure of effect size, and with n = {n} "
-               "seeds a large p does not show that there is no difference, nor a small p that it is large. "
-               "No correction for several comparisons.")
+HOW_TO_READ = ("How to read: lower loss is better. 95% CI: Welch's confidence interval of the difference of the "
+               "means. p is the two-sided probability of a difference at least this large if the two variants had "
+               "the same mean; p (Holm) is p adjusted by Holm's step-down method over the {k} of this table "
+               "with a p (rejecting where it is below 0.05 keeps the chance of any false rejection among them at "
+               "most 0.05). Neither is a measure of effect size, and with n = {n} seeds a large p does not show "
+               "that there is no difference, nor a small p that it is large.")
+HOW_TO_READ_STEPS = ("Only the runs that reached the accuracy are compared, so a variant whose runs rarely get there "
+                     "is judged on its few that did. 95% CI, p and p (Holm, over the {k} of this table with a p) "
+                     "as in the test of the loss above.")
+CLICK = 0.7     # a run "clicks" when its final answer accuracy exceeds this
+NEAR = 0.05     # final accuracies this close to CLICK are named in the report: their class is fragile
+ACCURATE = 0.9  # and the report gives the first evaluation at which a clicking run's accuracy reaches this
+CLICK_WHY = ("Why 0.7: on the reassignment task a run is expected either to stay near 0.5 or to climb toward 1 "
+             "once it learns to follow the reassignments, and 0.7 lies between the two; the ranges that follow "
+             "show how well the runs of this report separate.")
+PER_RUN_SETTINGS = ("out_dir", "device", "resume")  # where a run trains, not how
+FOLDER_SETTINGS = ("report", "out", "repeat_of")
 
 
 def setting(default, meaning, path=False):
@@ -71,9 +94,12 @@ class CompareConfig:
                                "busy one. Empty: train.py picks")
     report_only: bool = setting(False, "start no run: re-read the finished runs in --out and write the report")
     report: str = setting("", "--report=OUT or --report OUT: the same as --report_only --out=OUT", path=True)
+    repeat_of: str = setting("", "the folder of an earlier grid that this one repeats at equal seeds: the report "
+                                 "adds how far each run lands from its earlier run, next to the spread over seeds",
+                                 path=True)
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     pass
 
 
@@ -120,7 +146,8 @@ def parse_list(text, what, example):
 
 
 # ----------------------------------------------------------------------------------------------
-# statistics: Welch's t-test, with Student's t distribution computed here (no scipy needed)
+# statistics: Welch's t-test and interval, Holm's adjustment, Fisher's exact test; Student's t
+# distribution is computed here (the standard library only)
 
 def regularized_beta(x, a, b):
     """I_x(a, b), from its continued fraction evaluated by the modified Lentz method."""
@@ -147,13 +174,65 @@ def two_sided_p(t, df):
     return regularized_beta(df / (df + t * t), df / 2, 0.5)
 
 
-def welch(sample, reference):
-    """Welch's t-test of mean(sample) - mean(reference): (difference, t, Welch-Satterthwaite df, p)."""
+def t_quantile(probability, df):
+    """The t with P(T <= t) = probability for Student's t with df degrees of freedom: two_sided_p inverted
+    by bisection (it falls steadily as |t| grows), to about 1e-12."""
+    if not 0 < probability < 1:
+        raise ValueError(f"probability={probability}; expected 0 < probability < 1")
+    if probability < 0.5:
+        return -t_quantile(1 - probability, df)
+    tail = 2 * (1 - probability)  # the two-sided probability beyond +-t
+    low, high = 0.0, 1.0
+    while two_sided_p(high, df) > tail:  # widen until the quantile is inside [low, high]
+        low, high = high, 2 * high
+    while high - low > 1e-12 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if two_sided_p(middle, df) > tail else (low, middle)
+    return (low + high) / 2
+
+
+@dataclasses.dataclass
+class Welch:
+    difference: float  # mean(sample) - mean(reference)
+    t: float
+    df: float          # Welch-Satterthwaite
+    p: float           # two-sided
+    low: float         # the 95% confidence interval of the difference
+    high: float
+
+
+def welch(sample, reference, level=0.95):
+    """Welch's t-test of mean(sample) - mean(reference), with the difference's confidence interval:
+    difference +- (the (1 + level) / 2 quantile of Student's t with the Welch df) x its standard error."""
     se1, se2 = statistics.variance(sample) / len(sample), statistics.variance(reference) / len(reference)
     difference = statistics.fmean(sample) - statistics.fmean(reference)
-    t = difference / math.sqrt(se1 + se2)
+    standard_error = math.sqrt(se1 + se2)
+    t = difference / standard_error
     df = (se1 + se2) ** 2 / (se1 ** 2 / (len(sample) - 1) + se2 ** 2 / (len(reference) - 1))
-    return difference, t, df, two_sided_p(t, df)
+    half_width = t_quantile((1 + level) / 2, df) * standard_error
+    return Welch(difference, t, df, two_sided_p(t, df), difference - half_width, difference + half_width)
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of m p-values, in their order: the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) x the j-th smallest). Rejecting where the adjusted p < alpha
+    keeps the chance of one or more false rejections among the m at most alpha."""
+    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def fisher_exact(a, b, c, d):
+    """Fisher's exact test of the 2 x 2 table [[a, b], [c, d]], two-sided: the probability, given the
+    table's margins, of every table no more probable than this one. Exact: the hypergeometric
+    probabilities share the denominator C(n, a + c), so their integer numerators are compared."""
+    row1, row2, column1 = a + b, c + d, a + c
+    weight = [math.comb(row1, x) * math.comb(row2, column1 - x)
+              for x in range(max(0, column1 - row2), min(row1, column1) + 1)]
+    observed = math.comb(row1, a) * math.comb(row2, c)
+    return sum(w for w in weight if w <= observed) / math.comb(row1 + row2, column1)
 
 
 def mean_std(values, digits):
@@ -167,16 +246,17 @@ def mean_std(values, digits):
 # ----------------------------------------------------------------------------------------------
 # run folders
 
+LOG_FIX = ("restore it from a copy, or move its run folder away and run the grid's command again to train "
+           "that run anew")
+MANIFEST_FIX = ("restore it from a copy, or delete it: --report then reads every VARIANT/seed_S folder (variants "
+                "in alphabetical order), and the grid's command writes a new one")
+
+
 def read_log(run_dir):
-    """The entries of run_dir/log.jsonl; a line torn by a killed run is skipped."""
+    """The entries of run_dir/log.jsonl ([] if there is none); a line torn by a killed run is skipped,
+    bytes that are not text stop with one line naming the file."""
     path = Path(run_dir) / "log.jsonl"
-    entries = []
-    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return entries
+    return read_jsonl(path, LOG_FIX) if path.exists() else []
 
 
 def is_finished(entries, max_iters=None):
@@ -185,7 +265,7 @@ def is_finished(entries, max_iters=None):
     if entries and entries[-1].get("done"):
         return True
     evals = [entry for entry in entries if "val_loss" in entry]
-    return bool(evals) and max_iters is not None and evals[-1]["iter"] == max_iters
+    return bool(evals) and max_iters is not None and evals[-1].get("iter") == max_iters
 
 
 def summarize(entries):
@@ -193,31 +273,63 @@ def summarize(entries):
     by_iter = {entry["iter"]: entry for entry in entries if "val_loss" in entry}  # a re-run step: the later wins
     evals = [by_iter[i] for i in sorted(by_iter)]
     done = entries[-1] if entries[-1].get("done") else {}
-    accuracy = [entry["answer_accuracy"] for entry in evals if entry.get("answer_accuracy") is not None]
+    accuracy = [(entry["iter"], float(entry["answer_accuracy"])) for entry in evals
+                if entry.get("answer_accuracy") is not None]
+    run = next((entry["run"] for entry in entries if isinstance(entry.get("run"), dict)), {})
+    if not isinstance(run.get("config", {}), dict):
+        raise TypeError("its first entry's settings are not a JSON object")
     return dict(evals=evals,
-                best=done.get("best_val_loss", min(entry["val_loss"] for entry in evals)),
-                final=done.get("final_val_loss", evals[-1]["val_loss"]),
-                accuracy_best=max(accuracy, default=None), accuracy_final=accuracy[-1] if accuracy else None,
-                tokens_per_sec=[entry["tokens_per_sec"] for entry in entries if entry.get("tokens_per_sec")],
-                elapsed=done.get("elapsed_s", entries[-1].get("elapsed_s")),
-                residual=next((entry["run"].get("config", {}).get("residual") for entry in entries
-                               if isinstance(entry.get("run"), dict)), None))
+                best=float(done.get("best_val_loss", min(float(entry["val_loss"]) for entry in evals))),
+                final=float(done.get("final_val_loss", evals[-1]["val_loss"])),
+                accuracy_best=max((a for _, a in accuracy), default=None),
+                accuracy_final=accuracy[-1][1] if accuracy else None,
+                # the first evaluation at which the answers reach ACCURATE: when a clicking run has clicked
+                accurate_at=next((i for i, a in accuracy if a >= ACCURATE), None),
+                tokens_per_sec=[float(entry["tokens_per_sec"]) for entry in entries if entry.get("tokens_per_sec")],
+                elapsed=None if (elapsed := done.get("elapsed_s", entries[-1].get("elapsed_s"))) is None
+                else float(elapsed),
+                run=run)
 
 
 def device_names(out):
     """The devices the runs trained on, and torch's version, from train.py's first log.jsonl entry."""
     names = set()
     for log in Path(out).glob("*/seed_*/log.jsonl"):
-        for line in log.read_text(errors="replace").splitlines():
-            if '"run"' in line:
-                run = json.loads(line)["run"]
-                names.add(f"{run['device']} (torch {run['torch']})")
+        for entry in read_log(log.parent):
+            if isinstance(entry.get("run"), dict):
+                names.add(f"{entry['run'].get('device')} (torch {entry['run'].get('torch')})")
     return sorted(names)
 
 
 def load_manifest(out):
+    """OUT/compare.json, checked to have the shape compare.py writes (None if there is none)."""
     path = Path(out) / "compare.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.exists():
+        return None
+    manifest = read_json(path, MANIFEST_FIX)
+
+    def problem():
+        if not isinstance(manifest, dict):
+            return "not a JSON object"
+        for key, kind in [("variants", list), ("seeds", list), ("invocations", list)]:
+            if not isinstance(manifest.get(key, []), kind):
+                return f'"{key}" is not a list'
+        for variant in manifest.get("variants", []):
+            if not (isinstance(variant, dict) and isinstance(variant.get("name"), str)
+                    and re.fullmatch(r"[\w][\w.+=-]*", variant["name"]) and isinstance(variant.get("spec"), str)
+                    and isinstance(variant.get("max_iters"), (int, type(None)))):
+                return f"a variant is not {{name, spec, max_iters}}: {variant!r:.60}"
+        if not all(isinstance(seed, int) for seed in manifest.get("seeds", [])):
+            return "a seed is not a whole number"
+        for invocation in manifest.get("invocations", []):
+            if not (isinstance(invocation, dict) and isinstance(invocation.get("command"), str)
+                    and isinstance(invocation.get("parallel"), int) and isinstance(invocation.get("devices"), list)):
+                return f"an invocation is not {{command, parallel, devices}}: {invocation!r:.60}"
+        return None
+
+    if (trouble := problem()):
+        raise CompareError(f"{path} is damaged ({trouble}); {MANIFEST_FIX}")
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,8 +341,9 @@ def collect(out, manifest):
         variants = [(v["name"], v["spec"], v["max_iters"]) for v in manifest["variants"]]
         folders = {v[0]: [Path(out) / v[0] / f"seed_{seed}" for seed in manifest["seeds"]] for v in variants}
     else:  # folders made without compare.json: every VARIANT/seed_S, variants in alphabetical order
-        folders = {d.name: sorted(d.glob("seed_*")) for d in sorted(Path(out).iterdir())
-                   if d.is_dir() and any(d.glob("seed_*"))}
+        folders = {d.name: [f for f in sorted(d.glob("seed_*")) if f.name.removeprefix("seed_").isdigit()]
+                   for d in sorted(Path(out).iterdir()) if d.is_dir()}
+        folders = {name: seed_folders for name, seed_folders in folders.items() if seed_folders}
         variants = [(name, name, None) for name in folders]
     runs, unfinished = {}, []
     for name, _, max_iters in variants:
@@ -238,7 +351,11 @@ def collect(out, manifest):
         for folder in folders[name]:
             entries = read_log(folder)
             if is_finished(entries, max_iters):
-                runs[name][int(folder.name.removeprefix("seed_"))] = summarize(entries)
+                try:
+                    runs[name][int(folder.name.removeprefix("seed_"))] = summarize(entries)
+                except (KeyError, TypeError, ValueError) as error:  # JSON, but not what train.py writes
+                    raise CompareError(f"{folder / 'log.jsonl'} is damaged (an entry is not as train.py writes "
+                                       f"it: {type(error).__name__} {error}); {LOG_FIX}") from None
             else:
                 unfinished.append(f"{name}/{folder.name}")
     runs = {name: seeds for name, seeds in runs.items() if seeds}
@@ -247,16 +364,21 @@ def collect(out, manifest):
     return runs, {name: spec for name, spec, _ in variants}, unfinished
 
 
-def write_report(out, manifest, report_command):
-    """Write OUT/report.md (and the figures) from the finished runs; returns its path."""
+def write_report(out, manifest, report_command, repeat_of=None):
+    """Write OUT/report.md (and the figures) from the finished runs; returns its path. repeat_of: the
+    folder of an earlier grid whose runs this one repeats at equal seeds (a section on their differences)."""
     runs, specs, unfinished = collect(out, manifest)
     lines = header(out, manifest or {}, report_command, runs, unfinished)
-    lines += summary_table(runs, specs) + welch_table(runs)
-    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
-    lines += ["", "Best val loss of each run:", "", table_row(["variant", *[f"seed {s}" for s in seeds]]),
-              table_row(["---"] * (len(seeds) + 1))]
-    lines += [table_row([name, *[f"{by_seed[s]['best']:.4f}" if s in by_seed else "—" for s in seeds]])
-              for name, by_seed in runs.items()]
+    lines += summary_table(runs, specs)
+    lines += welch_table(runs, lambda run: run["best"], "the best val loss", 4, HOW_TO_READ)
+    if any(column(by_seed, "accuracy_final") for by_seed in runs.values()):
+        lines += click_section(runs)
+    if repeat_of:
+        lines += repeat_section(runs, repeat_of)
+    lines += per_run_table(runs, "Best val loss of each run:", lambda run: f"{run['best']:.4f}")
+    if any(column(by_seed, "accuracy_final") for by_seed in runs.values()):
+        lines += per_run_table(runs, "Final answer accuracy of each run:",
+                               lambda run: "—" if run["accuracy_final"] is None else f"{run['accuracy_final']:.3f}")
     Path(out, "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_figures(out, runs)
     return Path(out, "report.md")
@@ -306,21 +428,161 @@ def summary_table(runs, specs):
     return lines
 
 
-def welch_table(runs):
+def format_p(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def rows_text(k):
+    return f"{k} row{'' if k == 1 else 's'}"
+
+
+def welch_table(runs, value, what, digits, how_to_read):
+    """Welch's test of value(run) of every variant against the first: the difference of the means, its 95%
+    confidence interval, t, df, p, and p adjusted by Holm's method over the rows of this table."""
     reference, *others = runs
-    lines = ["", f"Welch's t-test of the best val loss against {reference} (difference = variant − {reference}):",
-             "", table_row(["variant", "difference", "t", "df", "p (two-sided)"]), table_row(["---"] * 5)]
-    base = column(runs[reference], "best")
+    base = [value(run) for run in runs[reference].values() if value(run) is not None]
+    rows, tests = [], []
     for name in others:
-        sample = column(runs[name], "best")
-        if min(len(sample), len(base)) < 2 or statistics.variance(sample) + statistics.variance(base) == 0:
+        sample = [value(run) for run in runs[name].values() if value(run) is not None]
+        if not sample or not base:
+            rows.append([name, "—", "—", "—", "—", "— (no value)", "—"])
+        elif min(len(sample), len(base)) < 2 or statistics.variance(sample) + statistics.variance(base) == 0:
             difference = statistics.fmean(sample) - statistics.fmean(base)
-            lines.append(table_row([name, f"{difference:+.4f}", "—", "—", "— (needs 2+ seeds and some spread)"]))
+            rows.append([name, f"{difference:+.{digits}f}", "—", "—", "—",
+                         "— (needs 2+ runs each and some spread)", "—"])
         else:
-            difference, t, df, p = welch(sample, base)
-            lines.append(table_row([name, f"{difference:+.4f}", f"{t:.2f}", f"{df:.1f}", f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"]))
+            test = welch(sample, base)
+            tests.append((len(rows), test.p))
+            interval = f"[{test.low:+.{digits}f}, {test.high:+.{digits}f}]"
+            rows.append([name, f"{test.difference:+.{digits}f}", interval, f"{test.t:.2f}", f"{test.df:.1f}",
+                         format_p(test.p), None])  # None: Holm's p, once every row's p is known
+    for (row, _), adjusted in zip(tests, holm([p for _, p in tests])):
+        rows[row][-1] = format_p(adjusted)
+    names = ["variant", "difference", "95% CI", "t", "df", "p (two-sided)", "p (Holm)"]
     n = sorted({len(by_seed) for by_seed in runs.values()})
-    return lines + ["", HOW_TO_READ.format(n=n[0] if len(n) == 1 else f"{n[0]} to {n[-1]}")]
+    return (["", f"Welch's t-test of {what} against {reference} (difference = variant − {reference}):", "",
+             table_row(names), table_row(["---"] * len(names))] + [table_row(row) for row in rows] +
+            ["", how_to_read.format(n=n[0] if len(n) == 1 else f"{n[0]} to {n[-1]}", k=rows_text(len(tests)))])
+
+
+def click_section(runs):
+    """For runs that log answer accuracy: how many click (final accuracy above CLICK), Fisher's exact test
+    of each variant's clicks against the first's, and when each clicking run first reached ACCURATE."""
+    reference, *others = runs
+    finals = [(f"{name}/seed_{seed}", run["accuracy_final"]) for name, by_seed in runs.items()
+              for seed, run in by_seed.items() if run["accuracy_final"] is not None]
+    below, above = [a for _, a in finals if a <= CLICK], [a for _, a in finals if a > CLICK]
+    near = [f"{run} {a:.3f}" for run, a in sorted(finals) if abs(a - CLICK) <= NEAR]
+    intervals = {run["run"].get("config", {}).get("eval_interval") for by_seed in runs.values()
+                 for run in by_seed.values()}
+
+    def span(values):
+        if not values:
+            return "— (none)"
+        return f"{min(values):.3f}" + (f" to {max(values):.3f}" if max(values) > min(values) else "")
+
+    lines = ["", f"Clicks: a run clicks when its final answer accuracy exceeds {CLICK}. {CLICK_WHY} In this report "
+             f"the runs at or below {CLICK} end at {span(below)}, those above at {span(above)}. "
+             + (f"Within {NEAR} of {CLICK}, where a threshold moved by that much would change the count: "
+                f"{', '.join(near)}." if near else f"No run ends within {NEAR} of {CLICK}."), ""]
+
+    def clicks(by_seed):
+        return sum(run["accuracy_final"] > CLICK for run in by_seed.values() if run["accuracy_final"] is not None)
+
+    def count(by_seed):
+        return sum(run["accuracy_final"] is not None for run in by_seed.values())
+
+    rows, tests = [], []
+    for name, by_seed in runs.items():
+        k, n = clicks(by_seed), count(by_seed)
+        reached = [f"{seed}: {run['accurate_at'] if run['accurate_at'] is not None else 'not reached'}"
+                   for seed, run in sorted(by_seed.items())
+                   if run["accuracy_final"] is not None and run["accuracy_final"] > CLICK]
+        row = [name, n, k, f"{k / n:.2f}" if n else "—", "—", "—", mean_std(column(by_seed, "accuracy_final"), 3),
+               ", ".join(reached) or "—"]
+        if name != reference and n and count(runs[reference]):
+            k0, n0 = clicks(runs[reference]), count(runs[reference])
+            p = fisher_exact(k, n - k, k0, n0 - k0)
+            tests.append((len(rows), p))
+            row[4] = format_p(p)
+        rows.append(row)
+    for (row, _), adjusted in zip(tests, holm([p for _, p in tests])):
+        rows[row][5] = format_p(adjusted)
+    every = f" (evaluated every {intervals.pop()} steps)" if len(intervals) == 1 and None not in intervals else ""
+    names = ["variant", "runs", "clicks", "share", f"Fisher p vs {reference} (two-sided)", "p (Holm)",
+             "final answer accuracy", f"first step at accuracy ≥ {ACCURATE}, each clicking run (seed: step)"]
+    lines += [table_row(names), table_row(["---"] * len(names))] + [table_row(row) for row in rows]
+    lines += ["", f"Final answer accuracy: mean ± sample standard deviation over all runs of the variant. Fisher's "
+              f"exact test compares the 2 × 2 table of (variant, {reference}) × (clicks, does not) with its margins "
+              f"fixed; p is the probability, if clicking did not depend on the variant, of a table no more probable "
+              f"than the one observed. p (Holm) is p adjusted by Holm's step-down method over the "
+              f"{rows_text(len(tests))} of this table with a p. The step is that of the first evaluation{every} "
+              f"at which the answer accuracy was {ACCURATE} or more."]
+    accurate = {name: {seed: run for seed, run in by_seed.items() if run["accurate_at"] is not None}
+                for name, by_seed in runs.items()}
+    accurate = {name: by_seed for name, by_seed in accurate.items() if by_seed}
+    if len(accurate) >= 2 and reference in accurate:  # how fast the runs that got there got there
+        lines += welch_table(accurate, lambda run: run["accurate_at"], f"the first step at accuracy ≥ {ACCURATE}", 0,
+                             HOW_TO_READ_STEPS)
+    return lines
+
+
+def repeat_section(runs, first_out):
+    """The runs of this grid against those of first_out with the same variant and seed: how far one
+    run's best val loss lands from the same run repeated, next to the spread over seeds."""
+    first, _, _ = collect(first_out, load_manifest(first_out))
+    pairs = {name: [(seed, first[name][seed], run) for seed, run in sorted(by_seed.items()) if seed in first[name]]
+             for name, by_seed in runs.items() if name in first}
+    pairs = {name: seed_pairs for name, seed_pairs in pairs.items() if seed_pairs}
+    if not pairs:
+        raise CompareError(f"no finished run here has the same variant and seed as one in --repeat_of={first_out}; "
+                           "give the folder of the grid that these runs repeat")
+    names = ["variant", "seeds repeated", "mean absolute difference at equal seeds", "largest absolute difference",
+             f"spread over seeds in {first_out} (sample std, n)"]
+    lines = ["", f"Repeated runs: each run here against the run of {first_out} with the same variant and seed "
+             "(best val loss):", "", table_row(names), table_row(["---"] * len(names))]
+    for name, seed_pairs in pairs.items():
+        gaps = [abs(run["best"] - earlier["best"]) for _, earlier, run in seed_pairs]
+        spread = column(first[name], "best")
+        lines.append(table_row([name, ", ".join(str(seed) for seed, _, _ in seed_pairs),
+                                f"{statistics.fmean(gaps):.4f}", f"{max(gaps):.4f}",
+                                f"{statistics.stdev(spread):.4f} (n = {len(spread)})" if len(spread) > 1 else "—"]))
+    lines += ["", table_row(["variant", "seed", f"in {first_out}", "here", "difference (here − there)"]),
+              table_row(["---"] * 5)]
+    lines += [table_row([name, seed, f"{earlier['best']:.4f}", f"{run['best']:.4f}",
+                         f"{run['best'] - earlier['best']:+.4f}"])
+              for name, seed_pairs in pairs.items() for seed, earlier, run in seed_pairs]
+    differences = [f"{name}/seed_{seed}: {setting_differences(earlier['run'], run['run'])}"
+                   for name, seed_pairs in pairs.items() for seed, earlier, run in seed_pairs
+                   if setting_differences(earlier["run"], run["run"])]
+    lines.append("")
+    if any(not earlier["run"] or not run["run"] for seed_pairs in pairs.values() for _, earlier, run in seed_pairs):
+        lines.append("Settings not compared: a log lacks train.py's first entry (its settings).")
+    elif differences:
+        lines.append(f"**The repeated runs differ in their settings**, so they are not pure repeats: "
+                     f"{'; '.join(differences)}.")
+    else:
+        lines.append(f"Each pair ran the same train.py settings (apart from {', '.join(PER_RUN_SETTINGS)}), "
+                     "on the same kind of device, with the same torch.")
+    return lines
+
+
+def setting_differences(earlier, later):
+    """What differs between two runs' first log entries, apart from the settings that name a run's place."""
+    def flat(run):
+        config = {key: value for key, value in run.get("config", {}).items() if key not in PER_RUN_SETTINGS}
+        return config | {f"({key})": value for key, value in run.items() if key != "config"}
+    a, b = flat(earlier), flat(later)
+    return ", ".join(f"{key} {a.get(key)!r} → {b.get(key)!r}" for key in sorted(set(a) | set(b))
+                     if a.get(key) != b.get(key))
+
+
+def per_run_table(runs, title, cell):
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+    return (["", title, "", table_row(["variant", *[f"seed {s}" for s in seeds]]),
+             table_row(["---"] * (len(seeds) + 1))]
+            + [table_row([name, *[cell(by_seed[s]) if s in by_seed else "—" for s in seeds]])
+               for name, by_seed in runs.items()])
 
 
 def table_row(cells):
@@ -374,7 +636,7 @@ def write_figures(out, runs):
         ax.set(xlabel="iteration", title=f"{name}: mean gate beta over {len(seeds)} seed(s)")
         colorbar = fig.colorbar(image, ticks=[0, 1, 2])
         # without the erase term (residual=write) the gate scales v alone: 2 writes 2v, it reflects nothing
-        erase_free = any(run["residual"] == "write" for run in seeds.values())
+        erase_free = any(run["run"].get("config", {}).get("residual") == "write" for run in seeds.values())
         colorbar.ax.set_yticklabels(["identity (0)", "writes v (1)", "writes 2v (2)"] if erase_free else
                                     ["identity (0)", "overwrite (1)", "reflection (2)"])
         fig.tight_layout()
@@ -544,7 +806,7 @@ def run_and_report(cfg, files, common, command):
     if failed:
         print(f"{len(failed)} run(s) failed (see their stdout.log); the same command runs them again", file=sys.stderr)
     try:
-        print(f"report: {write_report(out, manifest, report_command=None)}")
+        print(f"report: {write_report(out, manifest, None, cfg.repeat_of)}")
     except CompareError:
         if not failed:
             raise
@@ -562,16 +824,27 @@ def main(argv):
     command = shlex.join(["python", "compare.py", *argv])
     try:
         cfg, files, common = split_arguments(argv)
+        for arg in argv:  # an empty folder would be taken as "not given" (--report=) or as "." (--out=)
+            key, eq, value = arg.removeprefix("--").partition("=")
+            if arg.startswith("--") and key.replace("-", "_") in FOLDER_SETTINGS and eq and not value.strip():
+                raise CompareError(f"--{key}= is empty; give a folder, e.g. --{key}=runs/baby")
+        if cfg.repeat_of and not Path(cfg.repeat_of).is_dir():
+            raise CompareError(f"--repeat_of={cfg.repeat_of} is not a folder; give the --out folder of the grid "
+                               "that this one repeats")
+        if cfg.repeat_of and Path(cfg.repeat_of).resolve() == Path(cfg.report or cfg.out).resolve():
+            raise CompareError(f"--repeat_of={cfg.repeat_of} is this grid itself; give the folder of the earlier "
+                               "grid that this one repeats")
         if cfg.report or cfg.report_only:
             out = Path(cfg.report or cfg.out)
             if files or common or cfg.report == "True":
-                raise CompareError("--report takes only the grid's folder: python compare.py --report OUT")
+                raise CompareError("--report takes only the grid's folder (and --repeat_of): "
+                                   "python compare.py --report OUT")
             if not out.is_dir():
                 raise CompareError(f"{out} is not a folder; give the --out folder of a grid")
-            print(f"report: {write_report(out, load_manifest(out), report_command=command)}")
+            print(f"report: {write_report(out, load_manifest(out), command, cfg.repeat_of)}")
             return 0
         return run_and_report(cfg, files, common, command)
-    except (CompareError, ConfigError) as error:
+    except UserError as error:  # CompareError, ConfigError, and damaged files read back
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,6 +1,8 @@
 """
-compare.py: the statistics (Student's t without scipy, Welch's test), the report from run folders,
-resuming an interrupted grid, failures and Ctrl-C, bad command lines, and one real grid of tiny runs.
+compare.py: the statistics (Student's t and its quantile, Welch's test and interval, Holm's adjustment,
+Fisher's exact test; each checked against published tables, closed forms or exact enumeration), the report
+from run folders (clicks, repeated runs), damaged files, resuming an interrupted grid, failures and
+Ctrl-C, bad command lines, and one real grid of tiny runs.
 
 Most tests write small log.jsonl files themselves and replace `compare.start_run` (which starts one
 training process) by a fake that writes a finished log, so no training runs except in the last test.
@@ -19,12 +21,12 @@ import compare
 from conftest import REPO, SUBPROCESS_ENV, command_line, tiny_run_settings
 
 
-def write_run(out, variant, seed, val_losses, done=True, accuracy=None, beta=None, elapsed=60.0):
-    """A run folder as train.py leaves it: evaluations every 100 iterations, a progress entry in between,
-    and the final "done" entry if the run finished."""
+def write_run(out, variant, seed, val_losses, done=True, accuracy=None, beta=None, elapsed=60.0, run=None):
+    """A run folder as train.py leaves it: its settings first if `run` is given, evaluations every 100
+    iterations, a progress entry in between, and the final "done" entry if the run finished."""
     folder = Path(out) / variant / f"seed_{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
+    entries = [dict(iter=0, run=run)] if run else []
     for i, loss in enumerate(val_losses):
         if i:
             entries.append(dict(iter=100 * i, train_loss=loss, tokens_per_sec=1000 * i, elapsed_s=10.0 * i))
@@ -103,21 +105,80 @@ def test_two_sided_p_of_student_t_matches_values_known_by_hand(t, df, p):
     assert compare.two_sided_p(t, df) == pytest.approx(p, abs=2e-4)
 
 
-def test_two_sided_p_of_student_t_matches_scipy_for_real_valued_df():
-    stats = pytest.importorskip("scipy.stats")
-    for df in (0.7, 1.0, 2.5, 50 / 17, 10.0, 33.3, 1000.0):
-        for t in (0.05, 0.5, 1.0, 2.0, 3.5, 8.0, 40.0):
-            assert compare.two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(t, df), rel=1e-9, abs=1e-300)
+def t_density(x, df):
+    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * \
+        (1 + x * x / df) ** (-(df + 1) / 2)
 
 
-def test_welch_t_and_df_match_a_hand_computation_and_scipy():
+@pytest.mark.parametrize("df", [1.5, 2.5, 50 / 17, 7.3, 33.3])
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.0, 4.0])
+def test_two_sided_p_for_real_valued_df_matches_the_integral_of_the_density(t, df):
+    # p = 1 - 2 * integral of the t density from 0 to t, by Simpson's rule on 2000 intervals: a computation
+    # that shares nothing with the continued fraction in compare.py.
+    steps, h = 2000, t / 2000
+    integral = h / 3 * sum((1 if i in (0, steps) else 4 if i % 2 else 2) * t_density(i * h, df)
+                           for i in range(steps + 1))
+    assert compare.two_sided_p(t, df) == pytest.approx(1 - 2 * integral, abs=1e-10)
+
+
+@pytest.mark.parametrize("probability, df, t", [
+    # published tables of Student's t (to 3 decimals)
+    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 10, 2.228), (0.975, 30, 2.042),
+    (0.95, 5, 2.015), (0.995, 3, 5.841), (0.975, 1e6, 1.960), (0.025, 4, -2.776), (0.5, 3, 0.0),
+])
+def test_the_t_quantile_matches_published_tables(probability, df, t):
+    assert compare.t_quantile(probability, df) == pytest.approx(t, abs=5e-4)
+
+
+def test_the_t_quantile_inverts_two_sided_p_for_real_valued_df():
+    for df in (0.7, 2.5, 50 / 17, 33.3):
+        for probability in (0.6, 0.9, 0.975, 0.9995):
+            t = compare.t_quantile(probability, df)
+            assert compare.two_sided_p(t, df) == pytest.approx(2 * (1 - probability), rel=1e-9)
+    # closed forms: df = 1 (Cauchy) t = tan(pi (q - 1/2)); df = 2: t = (2q - 1) sqrt(2 / (4 q (1 - q)))
+    assert compare.t_quantile(0.9, 1) == pytest.approx(math.tan(0.4 * math.pi), rel=1e-10)
+    assert compare.t_quantile(0.9, 2) == pytest.approx(0.8 * math.sqrt(2 / (4 * 0.9 * 0.1)), rel=1e-10)
+
+
+def test_welch_t_df_and_interval_match_a_hand_computation():
     # [2, 4, 6]: mean 4, variance 4; [1, 2, 3]: mean 2, variance 1. Squared standard errors 4/3 and 1/3:
     # t = 2 / sqrt(5/3); df = (5/3)^2 / ((4/3)^2 / 2 + (1/3)^2 / 2) = 50/17.
-    difference, t, df, p = compare.welch([2, 4, 6], [1, 2, 3])
-    assert (difference, t, df) == pytest.approx((2.0, 2 / math.sqrt(5 / 3), 50 / 17))
-    assert p == pytest.approx(compare.two_sided_p(2 / math.sqrt(5 / 3), 50 / 17))
-    stats = pytest.importorskip("scipy.stats")
-    assert p == pytest.approx(stats.ttest_ind([2, 4, 6], [1, 2, 3], equal_var=False).pvalue, rel=1e-9)
+    test = compare.welch([2, 4, 6], [1, 2, 3])
+    assert (test.difference, test.t, test.df) == pytest.approx((2.0, 2 / math.sqrt(5 / 3), 50 / 17))
+    assert test.p == pytest.approx(compare.two_sided_p(2 / math.sqrt(5 / 3), 50 / 17))
+    # [1, 2, 3] against [4, 5, 6]: equal variances 1 and n = 3, so df = (2/3)^2 / (2 (1/3)^2 / 2) = 4 exactly, and
+    # the interval is -3 +- 2.776 (the published t quantile for df 4) x sqrt(2/3) = [-5.267, -0.733].
+    test = compare.welch([1, 2, 3], [4, 5, 6])
+    assert test.df == pytest.approx(4.0)
+    assert (test.low, test.high) == pytest.approx((-3 - 2.776445 * math.sqrt(2 / 3), -3 + 2.776445 * math.sqrt(2 / 3)))
+    assert (round(test.low, 3), round(test.high, 3)) == (-5.267, -0.733)
+    # t = -3 / sqrt(2/3), t^2 = 13.5; for df = 4, p = 1 - (3s - s^3) / 2 with s = |t| / sqrt(t^2 + 4)
+    s = math.sqrt(13.5 / 17.5)
+    assert test.p == pytest.approx(1 - (3 * s - s ** 3) / 2, rel=1e-9)
+
+
+def test_holm_adjusts_a_hand_worked_example_and_keeps_the_order():
+    # sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to the 0.06 before it
+    assert compare.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert compare.holm([0.6, 0.02, 0.3]) == pytest.approx([0.6, 0.06, 0.6])   # 0.06; 0.3 x 2; 0.6 x 1
+    assert compare.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])               # 0.6 x 2 capped at 1, then carried
+    assert compare.holm([0.2]) == [0.2] and compare.holm([]) == []
+
+
+@pytest.mark.parametrize("table, p", [
+    # the tea-tasting table: weights C(4, x) C(4, 4 - x) = 1, 16, 36, 16, 1 of 70; those <= 16: 34/70
+    ((3, 1, 1, 3), 34 / 70),
+    ((4, 0, 0, 4), 2 / 70),
+    ((1, 3, 3, 1), 34 / 70),
+    # rows 8 and 5, first column 7: weights 28, 280, 700, 560, 140, 8 of 1716; those <= 140: 176/1716
+    ((6, 2, 1, 4), 176 / 1716),
+    ((2, 6, 4, 1), 176 / 1716),              # the same table, rows and columns swapped
+    ((0, 3, 0, 3), 1.0), ((3, 0, 3, 0), 1.0), ((2, 1, 2, 1), 1.0),
+    ((10, 0, 0, 10), 2 / math.comb(20, 10)),
+])
+def test_fisher_exact_two_sided_matches_exact_enumeration(table, p):
+    assert compare.fisher_exact(*table) == pytest.approx(p, rel=1e-12)
+    assert round(compare.fisher_exact(3, 1, 1, 3), 4) == 0.4857
 
 
 # --- variants ------------------------------------------------------------------------------------
@@ -126,6 +187,7 @@ def test_welch_t_and_df_match_a_hand_computation_and_scipy():
     ("add", "add", {"residual": "add"}),
     ("delta:4", "delta_dv4", {"residual": "delta", "d_v": "4"}),
     ("write", "write", {"residual": "write"}),
+    ("write:4", "write_dv4", {"residual": "write", "d_v": "4"}),
     ("delta+dropout=0", "delta+dropout=0", {"residual": "delta", "dropout": "0"}),
     ("nodrop=delta:4+dropout=0+beta_init=0.5", "nodrop", {"residual": "delta", "d_v": "4", "dropout": "0",
                                                           "beta_init": "0.5"}),
@@ -134,6 +196,10 @@ def test_a_variant_spec_gives_its_folder_name_and_train_settings(spec, name, set
     variant = compare.parse_variant(spec)
     assert (variant.name, variant.settings) == (name, settings)
     assert variant.arguments == [f"--{key}={value}" for key, value in settings.items()]
+
+
+def test_write_with_d_v_4_passes_the_models_own_check():
+    assert compare.check_train_settings([], [], [compare.parse_variant("write:4")]) == {"write_dv4": 5000}
 
 
 @pytest.mark.parametrize("spec", ["foo", "delta:x", "delta+dropout", "delta+seed=3", "delta:4+d_v=2",
@@ -150,20 +216,85 @@ def test_report_tables_give_mean_and_sample_std_over_finished_seeds_and_welch_ag
     assert compare.main(["--report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     # add: best 1.52 ± 0.02, final 1.53 ± 0.02, accuracy best 0.5, final 0.4; tokens/s median of 1000, 2000, 3000
-    assert table_rows(report, "add") == [
-        "| add | `add` | 3 | 1.5200 ± 0.0200 | 1.5300 ± 0.0200 | 0.500 ± 0.000 | 0.400 ± 0.000 | 2.0k | 50 s |",
-        "| add | 1.5000 | 1.5200 | 1.5400 |"]
+    assert "| add | `add` | 3 | 1.5200 ± 0.0200 | 1.5300 ± 0.0200 | 0.500 ± 0.000 | 0.400 ± 0.000 | 2.0k | 50 s |" \
+        in report
+    assert "| add | 1.5000 | 1.5200 | 1.5400 |" in report
     # delta: best 1.57 ± sqrt(7e-4); seed 4 did not finish and is left out
-    assert table_rows(report, "delta")[0] == \
-        "| delta | `delta` | 3 | 1.5700 ± 0.0265 | 1.5800 ± 0.0265 | — | — | 2.0k | 70 s |"
-    # Welch by hand: squared standard errors 4e-4/3 and 7e-4/3, t = 0.05 / sqrt(11e-4/3) = 2.61, df = 242/65 = 3.72
+    assert "| delta | `delta` | 3 | 1.5700 ± 0.0265 | 1.5800 ± 0.0265 | — | — | 2.0k | 70 s |" in report
+    # Welch by hand: squared standard errors 4e-4/3 and 7e-4/3, t = 0.05 / sqrt(11e-4/3) = 2.61, df = 242/65 = 3.72;
+    # the interval 0.05 +- t_0.975(df) x sqrt(11e-4/3); one row, so Holm leaves p as it is
     p = compare.two_sided_p(0.05 / math.sqrt(11e-4 / 3), 242 / 65)
-    assert f"| delta | +0.0500 | 2.61 | 3.7 | {p:.3f} |" in report
+    half = compare.t_quantile(0.975, 242 / 65) * math.sqrt(11e-4 / 3)
+    assert f"| delta | +0.0500 | [{0.05 - half:+.4f}, {0.05 + half:+.4f}] | 2.61 | 3.7 | {p:.3f} | {p:.3f} |" in report
+    assert "| variant | difference | 95% CI | t | df | p (two-sided) | p (Holm) |" in report
     assert "Not finished (or not started), left out: add/seed_4, delta/seed_4." in report
     assert "shared GPU: timings not comparable" in report
     assert "Seeds: 1, 2, 3. Reference: add." in report and "--parallel=4" in report
-    assert "not a measure of effect size" in report
+    assert "Holm's step-down method over the 1 row of this table" in report
+    assert "Neither is a measure of effect size" in report and "No correction" not in report
     assert capsys.readouterr().out.splitlines()[-1] == f"report: {tmp_path / 'report.md'}"
+
+
+def click_grid(out):
+    """Runs that log answer accuracy, evaluated every 100 steps: add clicks in 4 of 4 seeds, delta in 1 of 4,
+    write in 2 of 4 (one of them, at 0.73, near the threshold)."""
+    rising = {2: [0.1, 0.5, 0.8, 0.92], 3: [0.1, 0.6, 0.91, 0.95], 4: [0.1, 0.5, 0.7, 0.88]}
+    stalled = [0.1, 0.45, 0.5, 0.52]
+    grid = {"add": [rising[2], rising[3], rising[3], rising[4]],
+            "delta": [rising[2], stalled, stalled, stalled],
+            "write": [rising[3], [0.1, 0.5, 0.6, 0.73], stalled, stalled]}
+    for name, curves in grid.items():
+        for seed, accuracy in enumerate(curves, start=1):
+            write_run(out, name, seed, [3.0, 2.0, 1.5, 1.4 - 0.01 * seed], accuracy=accuracy,
+                      run=dict(config=dict(eval_interval=100, residual=name), device="cpu", torch="2"))
+
+
+def test_a_report_with_answer_accuracy_counts_clicks_with_fishers_test_and_holm_and_the_steps_to_click(tmp_path):
+    click_grid(tmp_path)
+    assert compare.main(["--report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    # delta 1 of 4 against add 4 of 4: weights C(4, x) C(4, 5 - x) for x = 1..4: 4, 24, 24, 4 of 56; those <= 4:
+    # 8/56 = 0.143. write 2 of 4: weights for x = 2..4: 6, 16, 6 of 28 (C(8, 6)); those <= 6: 12/28 = 0.429.
+    # Holm: 0.143 x 2 = 0.286; 0.429 x 1, raised to 0.429.
+    assert compare.fisher_exact(1, 3, 4, 0) == pytest.approx(8 / 56)
+    assert compare.fisher_exact(2, 2, 4, 0) == pytest.approx(12 / 28)
+    assert "| add | 4 | 4 | 1.00 | — | — | 0.925 ± 0.033 | 1: 300, 2: 200, 3: 200, 4: not reached |" in report
+    assert "| delta | 4 | 1 | 0.25 | 0.143 | 0.286 | 0.620 ± 0.200 | 1: 300 |" in report
+    assert "| write | 4 | 2 | 0.50 | 0.429 | 0.429 | 0.680 ± 0.205 | 1: 200, 2: not reached |" in report
+    assert "exceeds 0.7. Why 0.7:" in report
+    assert "the runs at or below 0.7 end at 0.520, those above at 0.730 to 0.950." in report
+    assert "Within 0.05 of 0.7, where a threshold moved by that much would change the count: write/seed_2 0.730." \
+        in report
+    assert "first evaluation (evaluated every 100 steps)" in report
+    # steps to 0.9 among the runs that got there: add 300, 200, 200; delta 300; write 200
+    assert "Welch's t-test of the first step at accuracy ≥ 0.9 against add" in report
+    assert "| delta | +67 | — | — | — | — (needs 2+ runs each and some spread) | — |" in report
+    assert "| write | 0.950 | 0.730 | 0.520 | 0.520 |" in report        # final accuracy of each run
+
+
+def test_a_repeated_grid_is_compared_run_by_run_at_equal_seeds_next_to_the_spread_over_seeds(tmp_path, capsys):
+    settings = dict(config=dict(eval_interval=100, out_dir="x", device="cuda:0"), device="H200", torch="2")
+    for seed, best in zip((1, 2, 3), (1.50, 1.52, 1.54)):
+        write_run(tmp_path / "first", "add", seed, [3.0, best], run=settings)
+        write_run(tmp_path / "first", "delta", seed, [3.0, best + 0.1], run=settings)
+    moved = dict(settings, config=dict(settings["config"], out_dir="y", device="cuda:1"))   # where, not how
+    for seed, best in zip((1, 3), (1.503, 1.539)):
+        write_run(tmp_path / "again", "add", seed, [3.0, best], run=moved)
+    argv = ["--report", str(tmp_path / "again"), f"--repeat_of={tmp_path / 'first'}"]
+    assert compare.main(argv) == 0
+    report = (tmp_path / "again" / "report.md").read_text()
+    # |1.503 - 1.50| = 0.003 and |1.539 - 1.54| = 0.001: mean 0.002, largest 0.003; seeds' spread in first: 0.02
+    assert f"| add | 1, 3 | 0.0020 | 0.0030 | 0.0200 (n = 3) |" in report
+    assert "| add | 1 | 1.5000 | 1.5030 | +0.0030 |" in report and "| add | 3 | 1.5400 | 1.5390 | -0.0010 |" in report
+    assert "Each pair ran the same train.py settings (apart from out_dir, device, resume)" in report
+    # a pair that did not train alike is named
+    write_run(tmp_path / "again", "add", 2, [3.0, 1.52], run=dict(settings, config=dict(eval_interval=50)))
+    assert compare.main(argv) == 0
+    assert "**The repeated runs differ in their settings**, so they are not pure repeats: add/seed_2: " \
+           "eval_interval 100 → 50." in (tmp_path / "again" / "report.md").read_text()
+    # no run in common
+    assert compare.main(["--report", str(tmp_path / "first"), f"--repeat_of={tmp_path / 'again' / 'add'}"]) == 1
+    assert "no finished runs in" in capsys.readouterr().err
 
 
 def png_size(path):
@@ -252,6 +383,73 @@ def test_a_bad_command_line_exits_with_one_error_line_before_any_run(tmp_path, a
     assert result.returncode == 1 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]     # nothing started, nothing created
+
+
+def run_compare(*arguments, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "compare.py"), *arguments],
+                          cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("binary log", "add/seed_2/log.jsonl is not UTF-8 text (byte 0 is 0x89): it is damaged; restore it from a copy, "
+                   "or move its run folder away and run the grid's command again"),
+    ("compare.json not JSON", "compare.json is damaged (not JSON: Expecting value at line 2); restore it from a "
+                              "copy, or delete it: --report then reads every VARIANT/seed_S folder"),
+    ("compare.json binary", "compare.json is not UTF-8 text (byte 0 is 0xff)"),
+    ("compare.json wrong shape", 'compare.json is damaged ("seeds" is not a list); restore it'),
+    ("compare.json unsafe name", "compare.json is damaged (a variant is not {name, spec, max_iters}"),
+    ("log entry not train.py's", "add/seed_2/log.jsonl is damaged (an entry is not as train.py writes it"),
+])
+def test_a_damaged_file_in_the_grid_ends_the_report_in_one_line_naming_it_and_the_fix(tmp_path, damage, message):
+    fabricated_grid(tmp_path)
+    log, manifest = tmp_path / "add" / "seed_2" / "log.jsonl", tmp_path / "compare.json"
+    if damage == "binary log":
+        log.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    elif damage == "compare.json not JSON":
+        manifest.write_text('{"variants": [\n')          # cut short, as by a full disk
+    elif damage == "compare.json binary":
+        manifest.write_bytes(b"\xff\xfe{}")
+    elif damage == "compare.json wrong shape":
+        manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), seeds="1,2")))
+    elif damage == "compare.json unsafe name":
+        manifest.write_text(json.dumps(dict(variants=[dict(name="../../elsewhere", spec="add", max_iters=1)])))
+    else:
+        log.write_text('{"iter": 0, "val_loss": "low"}\n{"iter": 300, "done": true}\n')
+    result = run_compare("--report", str(tmp_path))
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"error: {tmp_path}/")
+    assert message in result.stderr
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("damage", ["binary log", "compare.json not JSON"])
+def test_a_damaged_file_stops_the_grid_command_before_any_run_in_one_line(tmp_path, damage):
+    write_run(tmp_path, "add", 1, [3.0, 2.0])
+    if damage == "binary log":
+        (tmp_path / "add" / "seed_1" / "log.jsonl").write_bytes(b"\x00\xff" * 64)
+    else:
+        (tmp_path / "compare.json").write_text("{")
+    result = run_compare("--variants=add", "--seeds=1", f"--out={tmp_path}", "--max_iters=200")
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"error: {tmp_path}/")
+    assert "is damaged" in result.stderr and "restore it from a copy" in result.stderr
+    assert not (tmp_path / "add" / "seed_1" / "stdout.log").exists()    # no run started
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--report="], "error: --report= is empty; give a folder, e.g. --report=runs/baby"),
+    (["--report", ""], "error: --report= is empty; give a folder"),
+    (["--repeat_of=", "--report=grid"], "error: --repeat_of= is empty; give a folder"),
+    (["--report=grid", "--repeat_of=nowhere"], "error: --repeat_of=nowhere is not a folder; give the --out folder"),
+    (["--out="], "error: --out= is empty"),
+    (["--report=grid", "--repeat_of=./grid"], "error: --repeat_of=./grid is this grid itself"),
+], ids=["report=", "report ''", "repeat_of=", "repeat_of missing", "out=", "repeat_of itself"])
+def test_an_empty_or_missing_folder_is_refused_and_starts_no_grid(tmp_path, arguments, message):
+    (tmp_path / "grid").mkdir()
+    result = run_compare(*arguments, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid"]     # no out-compare, nothing written
 
 
 def test_a_misspelled_setting_is_refused_with_the_closest_valid_one(tmp_path, capsys):

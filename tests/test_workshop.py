@@ -193,6 +193,16 @@ def test_read_gates_prints_one_row_per_layer(trained_run):
     assert len(rows) == 2 and out.count("iter ") == 1                # 2 layers, the last evaluation only
 
 
+@pytest.mark.parametrize("damage", [b"\x00\xff\xfe binary", b'{"iter": 4, "diagnostics": {"beta_mean": 1}}\n'],
+                         ids=["not UTF-8", "not train.py's entries"])
+def test_read_gates_on_a_damaged_log_ends_in_one_error_line_naming_it(tmp_path, damage):
+    (tmp_path / "log.jsonl").write_bytes(damage)
+    status, out, err = run_script(DOCS / "read_gates.py", f"--out_dir={tmp_path}")
+    assert status == 1 and out == "", (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert str(tmp_path / "log.jsonl") in err and "damaged" in err and "train again" in err, err
+
+
 def workshop_commands():
     """Every line of a code block in WORKSHOP.md that starts with `python `, as a list of arguments."""
     commands, in_block = [], False

@@ -565,7 +565,7 @@ def background(char_data, trained_run, tmp_path_factory):
         jobs.stop_all()
 
 
-def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first(background):
+def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first_and_no_nan_memory(background):
     jobs, _, _ = background
     result = jobs.result("bench tiny")
     assert result.code == 0 and result.stderr == "", result
@@ -573,6 +573,7 @@ def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first(bac
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in table]
     assert [row[0] for row in cells] == ["add d_v=1", "delta d_v=1", "write d_v=2"]
     assert [row[1] for row in cells] == ["-", "plain", "plain"]  # no fused kernel on the CPU
+    assert [row[6] for row in cells] == ["n/a"] * 3               # the CPU has no per-run peak memory to show
     assert cells[0][7] == "1.00x" and all(float(row[3]) > 0 for row in cells)
 
 

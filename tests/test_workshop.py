@@ -6,6 +6,7 @@ The scripts run in this process, as `python SCRIPT ARGS` would run them, so that
 no second import of torch) has to start: the whole file takes a few seconds.
 """
 
+import ast
 import contextlib
 import importlib.util
 import io
@@ -94,11 +95,22 @@ def test_delta_toy_notices_a_delta_update_that_disagrees_with_the_equation(monke
 @pytest.mark.parametrize("script, argument", [
     ("delta_toy.py", "--betas=0,3"), ("delta_toy.py", "--x=1"), ("delta_toy.py", "--k=0,0"),
     ("delta_toy.py", "--betass=1"), ("state_figure.py", "--beta=2.5"), ("state_figure.py", "--v=1,2"),
-    ("read_gates.py", "--out_dir=no-such-run")])
+    ("read_gates.py", "--out_dir=no-such-run"), ("gradient_step.py", "--sed=1"),
+    ("gradient_step.py", "--seed=99999999999999999999999")])
 def test_a_bad_setting_ends_in_one_error_line(script, argument):
     status, out, err = run_script(DOCS / script, argument)
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: "), err
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in DOCS.glob("*.py")))
+def test_every_docs_script_answers_help_with_its_usage_and_runs_nothing(script):
+    status, out, err = run_script(DOCS / script, "--help")
+    assert status == 0 and err == ""
+    doc = ast.get_docstring(ast.parse((DOCS / script).read_text(encoding="utf-8")))
+    head, _, settings = out.partition("\nsettings (default shown):\n")
+    assert head.strip() == doc.strip(), out                     # the script's own words first, nothing before
+    assert settings and all(line.startswith("  --") for line in settings.splitlines()), out  # and nothing after
 
 
 # ---------------------------------------------------------------------------------------------------

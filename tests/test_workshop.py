@@ -9,6 +9,7 @@ no second import of torch) has to start: the whole file takes a few seconds.
 import ast
 import contextlib
 import importlib.util
+import inspect
 import io
 import re
 import runpy
@@ -18,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_gpt
+import ddl_kernels
+from conftest import REPO, random_tokens, tiny_gpt
 from ddl_gpt import DeltaUpdate, GPTConfig
 from train import TrainConfig, check_settings
 from configurator import parse_overrides
@@ -152,18 +154,60 @@ def compile_method(source):
     return namespace["forward"]
 
 
-@pytest.mark.parametrize("residual", ["delta", "write"])
-@pytest.mark.parametrize("d_v", [1, 4])
-def test_the_workshop_solution_of_delta_update_forward_matches_the_model(residual, d_v):
+# Every setting that changes what forward computes: the residual mode, the state's width and storage, and
+# where dropout acts (the update runs in train mode, so dropout is on wherever it is set).
+FORWARD_CASES = {
+    "delta d_v=1": dict(residual="delta", d_v=1),
+    "delta d_v=4": dict(residual="delta", d_v=4),
+    "write d_v=1": dict(residual="write", d_v=1),
+    "write d_v=4": dict(residual="write", d_v=4),
+    "dropout on the write": dict(residual="delta", d_v=4, dropout=0.5),
+    "dropout on h": dict(residual="delta", d_v=4, dropout=0.5, dropout_at="h"),
+    "bf16 state": dict(residual="delta", d_v=4, state_dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_the_workshop_solution_of_delta_update_forward_matches_the_model(case):
     skeleton, solution = workshop_forwards()
+    config = GPTConfig(n_embd=8, n_head=1, **FORWARD_CASES[case])
     torch.manual_seed(0)
-    update = DeltaUpdate(GPTConfig(n_embd=8, n_head=1, d_v=d_v, residual=residual)).eval()
+    update = DeltaUpdate(config).train()
     torch.nn.init.normal_(update.gate_weight)
-    X, x_in, c, h = torch.randn(2, 3, 8, d_v), torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    X = torch.randn(2, 3, 8, config.d_v).to(getattr(torch, config.state_dtype))
+    x_in, c, h = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     with torch.no_grad():
-        torch.testing.assert_close(compile_method(solution)(update, X, x_in, c, h), update(X, x_in, c, h))
+        torch.manual_seed(1)                                          # the same dropout masks for both
+        expected = update(X, x_in, c, h)
+        torch.manual_seed(1)
+        answer = compile_method(solution)(update, X, x_in, c, h)
+        assert answer.dtype == expected.dtype == X.dtype
+        torch.testing.assert_close(answer, expected)
         with pytest.raises(NotImplementedError):
             compile_method(skeleton)(update, X, x_in, c, h)
+
+
+# While ddl_gpt.py picks the fused kernel inside DeltaUpdate.forward, the student's answer replaces that choice.
+KERNEL_CHOSEN_IN_FORWARD = "ddl_kernels" in inspect.getsource(DeltaUpdate.forward)
+
+
+@pytest.mark.xfail(KERNEL_CHOSEN_IN_FORWARD, strict=True,
+                   reason="ddl_gpt.py chooses the fused kernel inside DeltaUpdate.forward, which the exercise replaces")
+def test_with_the_workshop_solution_pasted_in_use_kernels_still_switches_to_the_fused_kernel(monkeypatch):
+    """The exercise has the student write forward as the equation alone: the choice of the fused kernel
+    (GPT.use_kernels) must not live in it, or the kernel tests fail for a right answer."""
+    _, solution = workshop_forwards()
+    monkeypatch.setattr(DeltaUpdate, "forward", compile_method(solution))
+    calls = []
+    monkeypatch.setattr(ddl_kernels, "available", lambda X: True)
+    monkeypatch.setattr(ddl_kernels, "delta_write", lambda X, *args, **kwargs: calls.append(1) or X)
+    model = tiny_gpt(residual="delta").eval()
+    idx = random_tokens()
+    model(idx, idx)
+    assert calls == []                                                # off by default
+    model.use_kernels(True)
+    model(idx, idx)
+    assert len(calls) == 2 * model.config.n_layer                     # every delta write, in every block
 
 
 # ---------------------------------------------------------------------------------------------------

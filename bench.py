@@ -6,7 +6,7 @@ Measure training speed and memory of the residual modes side by side, on random 
 
 Each mode runs `warmup` full training steps (forward, backward, gradient clipping, AdamW; compiled
 where train.py would compile), then `steps` timed ones; the table gives the median step time,
-tokens/s, MFU, peak memory, and each mode's throughput as a ratio to the first mode's.
+tokens/s, MFU, peak memory (on CUDA; n/a elsewhere), and each mode's throughput as a ratio to the first mode's.
 """
 
 import dataclasses
@@ -73,7 +73,8 @@ def bench_mode(cfg, config, device, dtype, plan):
             t_compile = time.time() - t_compile
         if i >= cfg.warmup:
             times.append(time.time() - t0)
-    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    # only CUDA's allocator counts a peak per run; the CPU's would be the whole process's, every mode so far
+    memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
     return statistics.median(times), memory, t_compile, model.flops_per_token(), model.num_params(), fused
 
 
@@ -117,7 +118,7 @@ def main(argv):
         mfu = f"{100 * flops * tokens_per_sec / (peak * 1e12):.1f}%" if peak else "-"
         path = "-" if residual == "add" else "fused" if fused else "plain"
         rows.append(f"| {residual} d_v={d_v} | {path} | {params / 1e6:.2f}M | {1000 * seconds:.1f} | "
-                    f"{tokens_per_sec / 1000:,.1f}k | {mfu} | {memory:.1f} GiB | {tokens_per_sec / reference:.2f}x | "
+                    f"{tokens_per_sec / 1000:,.1f}k | {mfu} | {memory} | {tokens_per_sec / reference:.2f}x | "
                     f"{t_compile:.0f} s |")
         print(rows[-1], flush=True)
     print("\n| mode | delta writes | params | ms/step | tokens/s | MFU | peak memory | throughput vs first | first step |")

@@ -7,8 +7,12 @@ Turn your own text into a dataset that train.py reads with --dataset=NAME.
 Writes data/NAME/train.bin and val.bin (token ids as uint16) and data/NAME/meta.json (the tokenizer,
 the character vocabulary, token counts, which files went where). One file is split by position (the
 first 90% trains); a folder of .txt files is split by document, whole files held out for validation,
-so that validation text is never seen in training. Line endings are normalized to "\\n". Nothing is
-written until every input has been read and encoded, so a bad input leaves no partial dataset.
+so that validation text is never seen in training. Line endings are normalized to "\\n" and a
+byte-order mark at the start of a file is dropped. Nothing is written until every input has been read
+and encoded, so a bad input leaves no partial dataset.
+
+Preparing the same dataset again (the same text and settings) leaves the folder as it is, so a setup
+command can be rerun; a folder that holds a different dataset is refused unless --overwrite=True.
 """
 
 import dataclasses
@@ -41,6 +45,7 @@ class PrepareConfig:
     val_fraction: float = 0.1    # share of the text (by characters) held out for validation
     val_files: str = ""          # comma-separated file names to hold out; default: the last files by name
     out_dir: str = ""            # where to write; default data/NAME
+    overwrite: bool = False      # replace a different dataset already there (the same one is always left as it is)
 
 
 def read_documents(path):
@@ -63,7 +68,8 @@ def read_documents(path):
             raise DataError(f"{file} is not UTF-8 text ({error}); convert it, or move it out of the input") from None
         if "\x00" in text:
             raise DataError(f"{file} contains NUL bytes: it looks binary, not text")
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        # a byte-order mark says how the file was saved (some Windows editors add one); it is not part of the text
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         if text.strip():
             documents.append((file.name, text))
     if not documents:
@@ -120,7 +126,42 @@ def write_atomically(path, data):
         tmp.unlink(missing_ok=True)
 
 
-def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", out_dir=""):
+def describes(path, meta):
+    """Whether the meta.json at `path` describes the dataset of `meta`, wherever its text was read from."""
+    try:
+        old = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # damaged
+    anywhere = {"source": None}
+    return isinstance(old, dict) and old | anywhere == json.loads(json.dumps(meta)) | anywhere
+
+
+def write_dataset(out, files, meta, overwrite=False):
+    """Write `files` ({name: bytes}) and `meta` (as meta.json) into the folder `out`; returns False, writing
+    nothing, when `out` already holds this very dataset (the same text from another copy counts as the
+    same). A different dataset there is replaced only with `overwrite`. meta.json goes first and comes
+    back last, so that a write cut off half way never leaves a dataset that looks complete."""
+    changed = [name for name, data in files.items() if (out / name).exists() and (out / name).read_bytes() != data]
+    if (out / "meta.json").exists() and not describes(out / "meta.json", meta):
+        changed.append("meta.json")
+    if changed and not overwrite:
+        raise DataError(f"{out} already holds another dataset ({', '.join(changed)} would change); add "
+                        "--overwrite=True to replace it, or choose another --out_dir")
+    if not changed and all((out / name).exists() for name in [*files, "meta.json"]):
+        return False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        for name, data in files.items():
+            write_atomically(out / name, data)
+        write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+    except OSError as error:
+        raise DataError(f"cannot write the dataset into {out} ({error.strerror or error}); choose a folder you can "
+                        "write to with --out_dir, or free some space") from None
+    return True
+
+
+def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", out_dir="", overwrite=False):
     """Build the dataset; returns its metadata."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction}; expected a number between 0 and 1")
@@ -151,16 +192,10 @@ def prepare(input, name="", tokenizer="char", val_fraction=0.1, val_files="", ou
         "source": str(input), "train_files": [n for n, _ in documents if n not in held] if held else [],
         "val_files": held, "split": "by file" if held else f"by position ({1 - val_fraction:.0%} train)",
     }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "train.bin", train_ids.tobytes())
-        write_atomically(out / "val.bin", val_ids.tobytes())
-        write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it complete
-    except OSError as error:
-        raise DataError(f"cannot write the dataset into {out} ({error.strerror or error}); choose a folder you can "
-                        "write to with --out_dir, or free some space") from None
+    written = write_dataset(out, {"train.bin": train_ids.tobytes(), "val.bin": val_ids.tobytes()}, meta, overwrite)
     print(f"{out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-          f"{coder.kind} tokenizer, vocabulary {coder.vocab_size:,}, split {meta['split']}")
+          f"{coder.kind} tokenizer, vocabulary {coder.vocab_size:,}, split {meta['split']}"
+          + ("" if written else " (already prepared: left as it was)"))
     return meta
 
 
@@ -178,15 +213,29 @@ def fetch(url, dest):
     return dest
 
 
-def main(argv, download=None, **defaults):
-    """Command line of this script and of the data/*/prepare.py scripts, which pass their defaults and
-    `download` = (url, local path) of their text, used when no --input is given."""
+@dataclasses.dataclass
+class KnownTextConfig:
+    input: str = ""              # a local copy of the text; default: input.txt next to the script, downloaded once
+    out_dir: str = ""            # where to write; default: the script's folder
+    overwrite: bool = False      # replace a different dataset already there (the same one is always left as it is)
+
+
+def prepare_known_text(argv, doc, url, folder, tokenizer):
+    """Command line of a data/*/prepare.py script that turns one known text, from `url`, into the dataset
+    in its `folder`, with `tokenizer` and the default 90/10 split; `doc` is the script's --help."""
+    def run(argv):
+        cfg = KnownTextConfig(**parse_overrides(KnownTextConfig, argv))
+        prepare(input=cfg.input or fetch(url, folder / "input.txt"), tokenizer=tokenizer,
+                out_dir=cfg.out_dir or str(folder), overwrite=cfg.overwrite)
+
+    run_cli(run, KnownTextConfig, doc, argv)
+
+
+def main(argv):
     def prepare_from(argv):
-        settings = defaults | parse_overrides(PrepareConfig, argv)
+        settings = parse_overrides(PrepareConfig, argv)
         if not settings.get("input"):
-            if download is None:
-                raise DataError("give the text with --input=FILE_OR_FOLDER")
-            settings["input"] = fetch(*download)
+            raise DataError("give the text with --input=FILE_OR_FOLDER")
         prepare(**settings)
 
     run_cli(prepare_from, PrepareConfig, __doc__, argv)

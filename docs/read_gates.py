@@ -11,13 +11,13 @@ reading is from the target before the write (the mean over tokens and d_v channe
 """
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from support.readback import read_jsonl  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -31,31 +31,41 @@ def regime(beta):
             else "overshoot" if beta < 1.75 else "~ reflection")
 
 
+def table(entry):
+    """The lines that show one evaluation's diagnostics."""
+    stats = entry["diagnostics"]
+    lines = [f"iter {entry['iter']}: val loss {entry['val_loss']:.4f}"]
+    if "beta_mean" not in stats:
+        return lines + ["  additive residual: no gates; state rms by layer: " +
+                        " ".join(f"{rms:.2f}" for rms in stats["state_rms"])]
+    lines.append("  layer |" + "|".join(name.center(27) for name in ("beta, attention", "beta, MLP"))
+                 + "| |v - kᵀX| attn/mlp | state rms")
+    for i, (means, stds, gaps, rms) in enumerate(zip(stats["beta_mean"], stats["beta_std"], stats["rewrite"],
+                                                     stats["state_rms"])):
+        cells = [f" {m:4.2f} ± {s:4.2f}  {regime(m):<12} " for m, s in zip(means, stds)]
+        lines.append(f"  {i + 1:5d} |" + "|".join(cells) + f"|    {gaps[0]:4.2f} / {gaps[1]:4.2f}     |   {rms:5.2f}")
+    return lines
+
+
 def main(argv):
     cfg = ReadConfig(**parse_overrides(ReadConfig, argv))
     path = Path(cfg.out_dir) / "log.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path} not found: train first, e.g. python train.py config/shakespeare_char_cpu.py "
                           f"--out_dir={cfg.out_dir}")
-    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fix = "train again (into a fresh --out_dir) for a readable log"
+    entries = read_jsonl(path, fix)
     evaluations = [e for e in entries if "diagnostics" in e]
     if not evaluations:
         raise ConfigError(f"{path} holds no evaluation yet")
-    model = next((e["run"]["config"] for e in entries if "run" in e), {})
-    print(f"{path}: residual={model.get('residual', '?')} d_v={model.get('d_v', '?')}")
-    for e in evaluations[-1:] if cfg.last else evaluations:
-        stats = e["diagnostics"]
-        print(f"iter {e['iter']}: val loss {e['val_loss']:.4f}")
-        if "beta_mean" not in stats:
-            print("  additive residual: no gates; state rms by layer: " +
-                  " ".join(f"{rms:.2f}" for rms in stats["state_rms"]))
-            continue
-        print("  layer |" + "|".join(name.center(27) for name in ("beta, attention", "beta, MLP"))
-              + "| |v - kᵀX| attn/mlp | state rms")
-        for i, (means, stds, gaps, rms) in enumerate(zip(stats["beta_mean"], stats["beta_std"], stats["rewrite"],
-                                                         stats["state_rms"])):
-            cells = [f" {m:4.2f} ± {s:4.2f}  {regime(m):<12} " for m, s in zip(means, stds)]
-            print(f"  {i + 1:5d} |" + "|".join(cells) + f"|    {gaps[0]:4.2f} / {gaps[1]:4.2f}     |   {rms:5.2f}")
+    try:
+        model = next((e["run"]["config"] for e in entries if "run" in e), {})
+        lines = [f"{path}: residual={model.get('residual', '?')} d_v={model.get('d_v', '?')}"]
+        for entry in evaluations[-1:] if cfg.last else evaluations:
+            lines += table(entry)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # JSON, but not what train.py writes
+        raise ConfigError(f"{path} is damaged (its entries lack what train.py writes into them); {fix}") from None
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

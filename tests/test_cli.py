@@ -36,6 +36,7 @@ import compare
 import data.prepare as prepare_module
 import sample as sample_module
 import train as train_module
+from data.reassign.prepare import ReassignConfig
 from support.configurator import UserError, field_help, run_cli
 from conftest import REPO, SUBPROCESS_ENV, command_line, logged, run_training, tiny_run_settings
 from support.device import pick_device, pick_dtype
@@ -470,6 +471,64 @@ def test_every_setting_has_a_help_comment(script):
     assert missing == []
 
 
+def run_python(*args):
+    """`python ARGS` from the repository root, as a user types it."""
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+# The scripts that prepare one known dataset: their --help must describe that job (its words before the
+# settings), not data/prepare.py's, and list their own settings, each with its meaning.
+DATA_SCRIPTS = {"data/shakespeare_char/prepare.py": ("--dataset=shakespeare_char", prepare_module.KnownTextConfig),
+                "data/shakespeare/prepare.py": ("--dataset=shakespeare", prepare_module.KnownTextConfig),
+                "data/reassign/prepare.py": ("Variable reassignment", ReassignConfig)}
+
+
+@pytest.mark.parametrize("script", DATA_SCRIPTS)
+def test_each_data_script_answers_help_with_its_own_job_and_every_setting_explained(script):
+    words, cls = DATA_SCRIPTS[script]
+    result = run_python(script, "--help")
+    assert result.code == 0 and result.stderr == "", result
+    job, _, settings = result.stdout.partition("settings (default shown):")
+    assert words in job and "Turn your own text" not in job, result.stdout
+    listed = {line.split()[0].partition("=")[0]: line.split()[1:] for line in settings.strip().splitlines()}
+    assert set(listed) == {f"--{f.name}" for f in dataclasses.fields(cls)}
+    assert all(listed.values()), f"a setting without its meaning: {listed}"
+
+
+def test_rerunning_a_data_script_leaves_its_dataset_and_another_text_is_refused_unless_overwrite(tmp_path):
+    """The README's setup line may be run again; a different dataset in the folder is never replaced silently."""
+    out, text, other = tmp_path / "out", tmp_path / "input.txt", tmp_path / "other.txt"
+    text.write_text(TEXT)
+    other.write_text("other words\n" * 30)
+    script = "data/shakespeare_char/prepare.py"
+    assert run_python(script, f"--input={text}", f"--out_dir={out}").code == 0
+    prepared = snapshot(out)
+    again = run_python(script, f"--input={text}", f"--out_dir={out}")
+    assert again.code == 0 and "already prepared" in again.stdout, again
+    assert snapshot(out) == prepared
+    assert_one_error_line(run_python(script, f"--input={other}", f"--out_dir={out}"), str(out), "--overwrite=True")
+    assert snapshot(out) == prepared
+    replaced = run_python(script, f"--input={other}", f"--out_dir={out}", "--overwrite=True")
+    assert replaced.code == 0 and snapshot(out) != prepared, replaced
+    assert json.loads((out / "meta.json").read_text())["source"] == str(other)
+
+
+def test_data_prepare_takes_the_same_text_from_another_copy_as_the_same_dataset(tmp_path):
+    out = tmp_path / "out"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "book.txt").write_text(TEXT)
+    assert cli("data/prepare.py", [f"--input={tmp_path / 'a' / 'book.txt'}", f"--out_dir={out}"]).code == 0
+    prepared = snapshot(out)
+    again = cli("data/prepare.py", [f"--input={tmp_path / 'b' / 'book.txt'}", f"--out_dir={out}"])
+    assert again.code == 0 and "already prepared" in again.stdout and snapshot(out) == prepared, again
+    other_split = [f"--input={tmp_path / 'b' / 'book.txt'}", f"--out_dir={out}", "--val_fraction=0.2"]
+    assert_one_error_line(cli("data/prepare.py", other_split), str(out), "--overwrite=True")
+    assert snapshot(out) == prepared
+
+
 # ----------------------------------------------------------------------------------------------
 # real command lines, started together in the background
 
@@ -615,7 +674,7 @@ def background(char_data, trained_run, tmp_path_factory):
         jobs.stop_all()
 
 
-def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first(background):
+def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first_and_no_nan_memory(background):
     jobs, _, _ = background
     result = jobs.result("bench tiny")
     assert result.code == 0 and result.stderr == "", result
@@ -623,6 +682,7 @@ def test_bench_prints_one_row_per_mode_with_throughput_relative_to_the_first(bac
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in table]
     assert [row[0] for row in cells] == ["add d_v=1", "delta d_v=1", "write d_v=2"]
     assert [row[1] for row in cells] == ["-", "plain", "plain"]  # no fused kernel on the CPU
+    assert [row[6] for row in cells] == ["n/a"] * 3               # the CPU has no per-run peak memory to show
     assert cells[0][7] == "1.00x" and all(float(row[3]) > 0 for row in cells)
 
 

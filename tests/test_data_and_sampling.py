@@ -11,6 +11,7 @@ import pytest
 import tiktoken
 
 from conftest import REPO, SHARED_DATA, SUBPROCESS_ENV, run_training, tiny_run_settings, tiny_text
+import data.prepare
 from data.prepare import MAX_VOCAB, DataError, prepare
 from sample import SampleConfig, sample
 from support.tokenizer import CharTokenizer, TokenizerError
@@ -49,6 +50,32 @@ def test_windows_line_endings_are_normalized_to_newlines(tmp_path):
     assert "\r" not in meta["chars"]
     text = decoded(tmp_path / "out", "train") + decoded(tmp_path / "out", "val")
     assert text == "first line\nsecond line\nthird\nline\n" * 10
+
+
+def test_a_byte_order_mark_at_the_start_of_each_file_is_dropped_not_a_character(tmp_path):
+    texts = {"a.txt": tiny_text(60, seed=1), "b.txt": tiny_text(20, seed=2)}
+    for name, text in texts.items():
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))   # how some editors save UTF-8
+    meta = prepare(input=str(tmp_path), out_dir=str(tmp_path / "out"))
+    assert "\ufeff" not in meta["chars"]
+    assert decoded(tmp_path / "out", "train") == texts["a.txt"] and decoded(tmp_path / "out", "val") == texts["b.txt"]
+
+
+def test_an_overwrite_cut_off_half_way_leaves_no_dataset_that_looks_complete(tmp_path, monkeypatch):
+    (tmp_path / "old.txt").write_text(tiny_text(20, seed=1))
+    (tmp_path / "new.txt").write_text(tiny_text(20, seed=2))
+    prepare(input=str(tmp_path / "old.txt"), out_dir=str(tmp_path / "out"))
+    written = data.prepare.write_atomically
+
+    def disk_full_at_val(path, content):
+        if path.name == "val.bin":
+            raise OSError(28, "No space left on device")
+        written(path, content)
+
+    monkeypatch.setattr(data.prepare, "write_atomically", disk_full_at_val)
+    with pytest.raises(DataError, match="cannot write the dataset"):
+        prepare(input=str(tmp_path / "new.txt"), out_dir=str(tmp_path / "out"), overwrite=True)
+    assert not (tmp_path / "out" / "meta.json").exists()   # train.py then says "not prepared", not a mixed dataset
 
 
 def test_a_folder_is_split_by_whole_files(tmp_path):

@@ -24,10 +24,11 @@ def logit(p):
     return -math.inf if p == 0 else math.inf if p == 1 else math.log(p / (1 - p))
 
 
-def delta_update(beta, v, residual="delta"):
+def delta_update(beta, v, residual="delta", dropout=0.0):
     """A DeltaUpdate whose gate is the constant `beta` and whose target is the constant vector `v` (d_v,)."""
     v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
-    update = DeltaUpdate(GPTConfig(n_embd=D, n_head=1, d_v=len(v), residual=residual, value_map="linear"))
+    update = DeltaUpdate(GPTConfig(n_embd=D, n_head=1, d_v=len(v), residual=residual, value_map="linear",
+                                   dropout=dropout))
     with torch.no_grad():
         update.gate_weight.zero_()
         update.gate_bias.fill_(logit(beta / 2))
@@ -91,6 +92,21 @@ def test_beta_two_with_zero_value_is_the_householder_reflection(d_v):
     torch.testing.assert_close(along(k, X_new), -along(k, X))        # the reading along k flips sign
     householder = torch.eye(D) - 2 * k[:, :, None] * k[:, None, :]   # (N, D, D)
     torch.testing.assert_close(X_new, householder @ X)
+
+
+@both_state_widths
+def test_in_training_dropout_thins_the_write_and_leaves_the_rest_of_the_state_bit_identical(d_v):
+    """Token n writes along feature n (k = e_n), so rows other than n are orthogonal to its write: with
+    dropout acting on the write, as in training, they come through exactly. Dropping elements of the
+    whole new state instead (drop(X + write)) would zero or rescale them."""
+    X, _, _ = random_state(d_v)
+    h = 3 * torch.eye(D)[:TOKENS]                                    # k = e_n for token n
+    update = delta_update(1.0, torch.full((d_v,), 2.0), dropout=0.5).train()
+    torch.manual_seed(0)
+    X_new = apply(update, X, h)
+    untouched = ~torch.eye(D, dtype=torch.bool)[:TOKENS]             # (N, D): the rows orthogonal to each write
+    assert torch.equal(X_new[untouched], X[untouched])
+    assert not torch.equal(X_new[~untouched], X[~untouched])         # and some of the write gets through
 
 
 @pytest.mark.parametrize("beta", [0.3, 1.0, 1.7])

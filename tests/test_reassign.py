@@ -220,7 +220,8 @@ def test_an_out_dir_that_cannot_be_written_is_one_error_line(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as stopped:
         main([f"--out_dir={tmp_path / 'a_file'}", "--train_examples=10", "--val_examples=10"])
-    assert stopped.value.code.startswith(f"error: --out_dir={tmp_path / 'a_file'}: cannot write there")
+    assert stopped.value.code.startswith(f"error: cannot write the dataset into {tmp_path / 'a_file'}")
+    assert "--out_dir" in stopped.value.code
     assert "\n" not in stopped.value.code
 
 
@@ -229,3 +230,18 @@ def test_the_command_line_writes_every_file_into_out_dir(tmp_path):
     assert result.returncode == 0, result.stderr
     assert all((tmp_path / file).is_file() for file in FILES)
     assert json.loads((tmp_path / "meta.json").read_text())["task"]["seed"] == 3
+
+
+def test_the_same_settings_again_leave_the_dataset_and_other_settings_need_overwrite(tmp_path):
+    settings = [f"--out_dir={tmp_path}", "--train_examples=50", "--val_examples=20"]
+    assert run_prepare_script(*settings).returncode == 0
+    prepared = {file: (tmp_path / file).read_bytes() for file in FILES}
+    again = run_prepare_script(*settings)
+    assert again.returncode == 0 and "already prepared" in again.stdout, again.stderr
+    refused = run_prepare_script(*settings, "--seed=4")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: {tmp_path} already holds another dataset"), refused.stderr
+    assert "--overwrite=True" in refused.stderr
+    assert {file: (tmp_path / file).read_bytes() for file in FILES} == prepared
+    assert run_prepare_script(*settings, "--seed=4", "--overwrite").returncode == 0
+    assert json.loads((tmp_path / "meta.json").read_text())["task"]["seed"] == 4

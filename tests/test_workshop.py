@@ -6,8 +6,10 @@ The scripts run in this process, as `python SCRIPT ARGS` would run them, so that
 no second import of torch) has to start: the whole file takes a few seconds.
 """
 
+import ast
 import contextlib
 import importlib.util
+import inspect
 import io
 import re
 import runpy
@@ -17,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_gpt
+import ddl_kernels
+from conftest import REPO, random_tokens, tiny_gpt
 from ddl_gpt import DeltaUpdate, GPTConfig
 from support.configurator import parse_overrides
 from support.settings import check_settings
@@ -95,11 +98,22 @@ def test_delta_toy_notices_a_delta_update_that_disagrees_with_the_equation(monke
 @pytest.mark.parametrize("script, argument", [
     ("delta_toy.py", "--betas=0,3"), ("delta_toy.py", "--x=1"), ("delta_toy.py", "--k=0,0"),
     ("delta_toy.py", "--betass=1"), ("state_figure.py", "--beta=2.5"), ("state_figure.py", "--v=1,2"),
-    ("read_gates.py", "--out_dir=no-such-run")])
+    ("read_gates.py", "--out_dir=no-such-run"), ("gradient_step.py", "--sed=1"),
+    ("gradient_step.py", "--seed=99999999999999999999999")])
 def test_a_bad_setting_ends_in_one_error_line(script, argument):
     status, out, err = run_script(DOCS / script, argument)
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: "), err
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in DOCS.glob("*.py")))
+def test_every_docs_script_answers_help_with_its_usage_and_runs_nothing(script):
+    status, out, err = run_script(DOCS / script, "--help")
+    assert status == 0 and err == ""
+    doc = ast.get_docstring(ast.parse((DOCS / script).read_text(encoding="utf-8")))
+    head, _, settings = out.partition("\nsettings (default shown):\n")
+    assert head.strip() == doc.strip(), out                     # the script's own words first, nothing before
+    assert settings and all(line.startswith("  --") for line in settings.splitlines()), out  # and nothing after
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,18 +155,60 @@ def compile_method(source):
     return namespace["forward"]
 
 
-@pytest.mark.parametrize("residual", ["delta", "write"])
-@pytest.mark.parametrize("d_v", [1, 4])
-def test_the_workshop_solution_of_delta_update_forward_matches_the_model(residual, d_v):
+# Every setting that changes what forward computes: the residual mode, the state's width and storage, and
+# where dropout acts (the update runs in train mode, so dropout is on wherever it is set).
+FORWARD_CASES = {
+    "delta d_v=1": dict(residual="delta", d_v=1),
+    "delta d_v=4": dict(residual="delta", d_v=4),
+    "write d_v=1": dict(residual="write", d_v=1),
+    "write d_v=4": dict(residual="write", d_v=4),
+    "dropout on the write": dict(residual="delta", d_v=4, dropout=0.5),
+    "dropout on h": dict(residual="delta", d_v=4, dropout=0.5, dropout_at="h"),
+    "bf16 state": dict(residual="delta", d_v=4, state_dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_the_workshop_solution_of_delta_update_forward_matches_the_model(case):
     skeleton, solution = workshop_forwards()
+    config = GPTConfig(n_embd=8, n_head=1, **FORWARD_CASES[case])
     torch.manual_seed(0)
-    update = DeltaUpdate(GPTConfig(n_embd=8, n_head=1, d_v=d_v, residual=residual)).eval()
+    update = DeltaUpdate(config).train()
     torch.nn.init.normal_(update.gate_weight)
-    X, x_in, c, h = torch.randn(2, 3, 8, d_v), torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    X = torch.randn(2, 3, 8, config.d_v).to(getattr(torch, config.state_dtype))
+    x_in, c, h = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     with torch.no_grad():
-        torch.testing.assert_close(compile_method(solution)(update, X, x_in, c, h), update(X, x_in, c, h))
+        torch.manual_seed(1)                                          # the same dropout masks for both
+        expected = update(X, x_in, c, h)
+        torch.manual_seed(1)
+        answer = compile_method(solution)(update, X, x_in, c, h)
+        assert answer.dtype == expected.dtype == X.dtype
+        torch.testing.assert_close(answer, expected)
         with pytest.raises(NotImplementedError):
             compile_method(skeleton)(update, X, x_in, c, h)
+
+
+# While ddl_gpt.py picks the fused kernel inside DeltaUpdate.forward, the student's answer replaces that choice.
+KERNEL_CHOSEN_IN_FORWARD = "ddl_kernels" in inspect.getsource(DeltaUpdate.forward)
+
+
+@pytest.mark.xfail(KERNEL_CHOSEN_IN_FORWARD, strict=True,
+                   reason="ddl_gpt.py chooses the fused kernel inside DeltaUpdate.forward, which the exercise replaces")
+def test_with_the_workshop_solution_pasted_in_use_kernels_still_switches_to_the_fused_kernel(monkeypatch):
+    """The exercise has the student write forward as the equation alone: the choice of the fused kernel
+    (GPT.use_kernels) must not live in it, or the kernel tests fail for a right answer."""
+    _, solution = workshop_forwards()
+    monkeypatch.setattr(DeltaUpdate, "forward", compile_method(solution))
+    calls = []
+    monkeypatch.setattr(ddl_kernels, "available", lambda X: True)
+    monkeypatch.setattr(ddl_kernels, "delta_write", lambda X, *args, **kwargs: calls.append(1) or X)
+    model = tiny_gpt(residual="delta").eval()
+    idx = random_tokens()
+    model(idx, idx)
+    assert calls == []                                                # off by default
+    model.use_kernels(True)
+    model(idx, idx)
+    assert len(calls) == 2 * model.config.n_layer                     # every delta write, in every block
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,6 +248,16 @@ def test_read_gates_prints_one_row_per_layer(trained_run):
     assert status == 0
     rows = [line for line in out.splitlines() if re.match(r"\s+\d+ \|", line)]
     assert len(rows) == 2 and out.count("iter ") == 1                # 2 layers, the last evaluation only
+
+
+@pytest.mark.parametrize("damage", [b"\x00\xff\xfe binary", b'{"iter": 4, "diagnostics": {"beta_mean": 1}}\n'],
+                         ids=["not UTF-8", "not train.py's entries"])
+def test_read_gates_on_a_damaged_log_ends_in_one_error_line_naming_it(tmp_path, damage):
+    (tmp_path / "log.jsonl").write_bytes(damage)
+    status, out, err = run_script(DOCS / "read_gates.py", f"--out_dir={tmp_path}")
+    assert status == 1 and out == "", (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert str(tmp_path / "log.jsonl") in err and "damaged" in err and "train again" in err, err
 
 
 def workshop_commands():

@@ -35,10 +35,11 @@ after another), meta.json (the tokenizer, the settings under "task", counts) and
 val_answers.bin with one uint16 per token: 0 for a token that is not an answer, else n > 0, its
 distance from the first character of its line, so that a scorer can tell whether the whole line is
 inside its context window. No val program occurs in train: train draws that repeat one are redrawn.
+Running it again with the same settings is harmless (the same dataset is left as it is); a folder that
+holds a different dataset, made with other settings, is replaced only with --overwrite=True.
 """
 
 import dataclasses
-import json
 import random
 import string
 import sys
@@ -50,8 +51,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the project root, for data/prepare.py and configurator.py
 
-from support.configurator import ConfigError, parse_overrides  # noqa: E402
-from data.prepare import encode, write_atomically  # noqa: E402
+from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from data.prepare import encode, write_dataset  # noqa: E402
 from support.tokenizer import CharTokenizer  # noqa: E402
 
 NAMES, DIGITS = string.ascii_lowercase, string.digits
@@ -68,9 +69,10 @@ class ReassignConfig:
     chain_depth: int = 3            # most copies between a literal and a variable holding its value
     copy_share: float = 0.6         # chance that a statement copies a variable (when a copy is allowed)
     train_examples: int = 750_000   # config/reassign.py's 3000 steps see each line about once
-    val_examples: int = 10_000
-    seed: int = 1337
+    val_examples: int = 10_000      # examples held out for validation (none of their programs is in train)
+    seed: int = 1337                # the draws of both splits (each from its own stream)
     out_dir: str = ""               # default: this folder (data/reassign)
+    overwrite: bool = False         # replace a different dataset already there (the same one is always left as it is)
 
 
 def check(cfg):
@@ -199,7 +201,7 @@ def prepare(cfg):
     splits = {name: (encode(["".join(lines)], coder), answers_array(lines)) for name, lines in
               (("train", train), ("val", val))}
     depths = Counter(d for line in val for d in answer_depths(line))
-    task = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+    task = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
     meta = coder.meta() | {
         "task": task,
         "train_tokens": len(splits["train"][0]), "val_tokens": len(splits["val"][0]),
@@ -208,26 +210,21 @@ def prepare(cfg):
         "val_answers_by_depth": [depths[d] for d in range(max(depths) + 1)],
         "val_shortcut_accuracies": shortcut_accuracies(val),
     }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, (ids, answers) in splits.items():
-            write_atomically(out / f"{name}.bin", ids.tobytes())
-            write_atomically(out / f"{name}_answers.bin", answers.tobytes())
-        write_atomically(out / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it complete
-    except OSError as error:
-        raise ConfigError(f"--out_dir={out}: cannot write there ({error.strerror}); choose a writable folder") from None
+    files = {}
+    for name, (ids, answers) in splits.items():
+        files[f"{name}.bin"], files[f"{name}_answers.bin"] = ids.tobytes(), answers.tobytes()
+    written = write_dataset(out, files, meta, cfg.overwrite)
     print(f"{out}: {cfg.train_examples:,} train and {cfg.val_examples:,} val examples "
           f"({meta['train_tokens']:,} and {meta['val_tokens']:,} tokens, {meta['val_answers']:,} val answers, "
-          f"by chain depth {meta['val_answers_by_depth']}), vocabulary {coder.vocab_size}\n"
+          f"by chain depth {meta['val_answers_by_depth']}), vocabulary {coder.vocab_size}"
+          f"{'' if written else ' (already prepared: left as it was)'}\n"
           f"accuracy of answering without tracking values right: {meta['val_shortcut_accuracies']}")
     return meta
 
 
 def main(argv):
-    try:
-        prepare(ReassignConfig(**parse_overrides(ReassignConfig, argv)))
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    run_cli(lambda argv: prepare(ReassignConfig(**parse_overrides(ReassignConfig, argv))), ReassignConfig, __doc__,
+            argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """
-Tiny Shakespeare (1.1 MB of plays), one token per character: 65 symbols, the first 90% for training.
+Prepare tiny Shakespeare (1.1 MB of plays) with one token per character, for --dataset=shakespeare_char:
+65 symbols, the first 90% of the text for training, the rest for validation.
 
     python data/shakespeare_char/prepare.py                   # downloads input.txt next to this file
     python data/shakespeare_char/prepare.py --input=PATH      # offline: a local copy of input.txt
+
+Writes train.bin, val.bin and meta.json next to this file. Running it again is harmless: the same
+dataset is left as it is; a different one already there (another text) is replaced only with
+--overwrite=True. data/prepare.py turns any other text into a dataset.
 """
 
 import sys
@@ -10,9 +15,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from prepare import main  # noqa: E402  (data/prepare.py)
+from prepare import prepare_known_text  # noqa: E402  (data/prepare.py)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 if __name__ == "__main__":
-    main(sys.argv[1:], download=(URL, HERE / "input.txt"), tokenizer="char", out_dir=str(HERE))
+    prepare_known_text(sys.argv[1:], __doc__, URL, HERE, tokenizer="char")

@@ -145,22 +145,24 @@ def sample(cfg, out=None):
         new, done, shown = [[] for _ in range(B)], [False] * B, ""
         if streaming:
             write(prompt)
-        for step in generate(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tokenizer.vocab_size,
-                             cfg.seed, first, dtype):
-            for i, token in enumerate(step):
-                done[i] = done[i] or token == end
-                if not done[i]:
-                    new[i].append(token)
-            if streaming and not done[0]:
-                piece = new_text(tokenizer, new[0], shown)
-                write(piece)
-                shown += piece
-            while len(texts) < first + B and done[len(texts) - first]:  # the next sample in order is complete
+        try:
+            for step in generate(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tokenizer.vocab_size,
+                                 cfg.seed, first, dtype):
+                for i, token in enumerate(step):
+                    done[i] = done[i] or token == end
+                    if not done[i]:
+                        new[i].append(token)
+                if streaming and not done[0]:
+                    piece = new_text(tokenizer, new[0], shown)
+                    write(piece)
+                    shown += piece
+                while len(texts) < first + B and done[len(texts) - first]:  # the next sample in order is complete
+                    texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
+                if all(done):
+                    break
+        finally:  # at the end, or on Ctrl-C: what the batch's remaining samples have so far
+            while len(texts) < first + B:
                 texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
-            if all(done):
-                break
-        while len(texts) < first + B:
-            texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
     return texts
 
 
@@ -218,11 +220,7 @@ def main(argv):
     cfg = SampleConfig(**overrides)
     if cfg.bench:
         return bench(cfg, from_checkpoint="out_dir" in overrides)
-    try:
-        sample(cfg, out=sys.stdout)
-    except KeyboardInterrupt:
-        print(flush=True)  # end the partial sample's line; run_cli then says "interrupted" and exits 130
-        raise
+    sample(cfg, out=sys.stdout)  # on Ctrl-C it prints the partial samples; run_cli then says "interrupted", status 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ one write of the state per token, forward and backward, instead of the several p
 PyTorch operations make when nothing fuses them (no torch.compile). Under torch.compile the plain code is
 faster on an H200: Inductor fuses the write with the norms and reads around it, which a hand-written
 kernel prevents (README, Performance). So train.py uses this kernel only where it does not compile.
+Generation (no autograd) uses `delta_update`, which also computes the gate beta and the value v inside the
+kernel: one launch per write where the plain code makes a dozen. `GPT.use_kernels` switches both in by
+replacing each DeltaUpdate's forward with `fused_forward`; DeltaUpdate.forward itself stays the equation.
 
 It runs only on CUDA, where Triton comes with PyTorch, and only for d_v in (1, 2, 4, 8); everywhere
 else ddl_gpt.py runs its plain PyTorch code. tests/test_kernels.py checks values and gradients against it.

@@ -38,9 +38,9 @@ def available(X):
 if triton is not None:
 
     @triton.jit
-    def _load_token(X, H, BETA, V, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, eps2):
-        """This program's token n: its state x (BLOCK_D, DV), direction k, 1/|h|, gate and e = v - kᵀx, in fp32,
-        with the offsets and mask of its state. BLOCK_D is the width padded to a power of two, masked off."""
+    def _state_and_direction(X, H, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, eps2):
+        """This program's token n: its state x (BLOCK_D, DV) and direction k = h / sqrt(|h|^2 + eps^2), in fp32, with
+        1/sqrt(...) and the offsets and mask of its state. BLOCK_D is the width padded to a power of two, masked off."""
         n = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK_D)                                 # (BLOCK_D,)
         j = tl.arange(0, DV)                                      # (DV,)
@@ -48,14 +48,24 @@ if triton is not None:
         mask = (d < D)[:, None] & (j < DV)[None, :]               # (BLOCK_D, DV)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         h = tl.load(H + n * D + d, mask=d < D, other=0.0).to(tl.float32)
-        beta = tl.load(BETA + n)
-        v = tl.load(V + n * DV + j)
         rinv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
-        k = h * rinv                                              # (BLOCK_D,)
+        return n, d, j, offs, mask, x, h * rinv, rinv
+
+    @triton.jit
+    def _error(x, k, v, ERASE: tl.constexpr):
+        """e = v - kᵀx (DV,), what the write adds along k; without the erase term, v itself."""
         if ERASE:
-            e = v - tl.sum(k[:, None] * x, axis=0)                # (DV,)
+            e = v - tl.sum(k[:, None] * x, axis=0)
         else:
             e = v
+        return e
+
+    @triton.jit
+    def _load_token(X, H, BETA, V, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, eps2):
+        """_state_and_direction's values, and the token's gate beta and e = v - kᵀx from the given beta and v."""
+        n, d, j, offs, mask, x, k, rinv = _state_and_direction(X, H, D, DV, BLOCK_D, eps2)
+        beta = tl.load(BETA + n)
+        e = _error(x, k, tl.load(V + n * DV + j), ERASE)          # (DV,)
         return n, d, j, offs, mask, x, k, rinv, beta, e
 
     @triton.jit
@@ -88,14 +98,8 @@ if triton is not None:
                        ERASE: tl.constexpr, LINEAR_VALUE: tl.constexpr):
         """The whole update of one token, its gate and value included: what generation runs, one launch per
         sublayer instead of the dozen small ones of the plain code (no autograd)."""
-        n = tl.program_id(0).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)                                 # (BLOCK_D,)
-        j = tl.arange(0, DV)                                      # (DV,)
-        offs = n * D * DV + d[:, None] * DV + j[None, :]          # (BLOCK_D, DV)
-        mask = (d < D)[:, None] & (j < DV)[None, :]               # (BLOCK_D, DV)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        n, d, j, offs, mask, x, k, rinv = _state_and_direction(X, H, D, DV, BLOCK_D, eps2)
         c = tl.load(C + n * D + d, mask=d < D, other=0.0).to(tl.float32)
-        h = tl.load(H + n * D + d, mask=d < D, other=0.0).to(tl.float32)
         w_b = tl.load(W_B + d, mask=d < D, other=0.0).to(tl.float32)
         beta = 2.0 * tl.sigmoid(tl.sum(c * w_b, axis=0) + tl.load(B_B).to(tl.float32))
         if LINEAR_VALUE:
@@ -106,12 +110,7 @@ if triton is not None:
         v = tl.sum(source[:, None] * w_v, axis=0) + tl.load(B_V + j).to(tl.float32)              # (DV,)
         if not LINEAR_VALUE:
             v = 4.0 * tl.sigmoid(v)
-        k = h / tl.sqrt(tl.sum(h * h, axis=0) + eps2)             # (BLOCK_D,)
-        if ERASE:
-            e = v - tl.sum(k[:, None] * x, axis=0)                # (DV,)
-        else:
-            e = v
-        x_new = x + (beta * k)[:, None] * e[None, :]
+        x_new = x + (beta * k)[:, None] * _error(x, k, v, ERASE)[None, :]
         tl.store(X_OUT + offs, x_new.to(X_OUT.dtype.element_ty), mask=mask)
 
 

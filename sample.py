@@ -10,7 +10,7 @@ which needs tiktoken's two files (vocab.bpe, encoder.json): tiktoken downloads t
 offline, point TIKTOKEN_CACHE_DIR at a folder that holds them. By default the weights with the lowest
 validation loss (best.pt). One line on stderr first says which checkpoint was loaded. The samples run
 together as one batch (at most --max_batch at a time; each sample draws from its own random stream, so it
-is the same in any batch); one sample is printed token by token, several each as soon as it is complete.
+is the same in any batch); the first sample of a batch is printed token by token, the others once complete.
 Generation (generate.py) reads the prompt once, then each new token with a cache of attention's keys and
 values; on a CUDA GPU each token's step is replayed as a CUDA graph.
 """
@@ -39,7 +39,7 @@ class SampleConfig:
     checkpoint: str = "best"       # "best" (lowest validation loss) or "ckpt" (the latest)
     start: str = ""                # the prompt, or FILE:path to read it; "" starts from a newline
                                    # (characters) or <|endoftext|> (GPT-2), i.e. unprompted
-    num_samples: int = 3           # how many samples; one is printed token by token, several as each completes
+    num_samples: int = 3           # how many samples: the first of a batch printed token by token, the rest when done
     max_new_tokens: int = 500      # 0 prints the prompt alone
     temperature: float = 0.8       # < 1 sharpens the distribution, > 1 flattens it; 0 takes the likeliest token
     top_k: int | None = 200        # sample only among the k likeliest tokens; None: all of them
@@ -114,8 +114,8 @@ def prepare_model(model, cfg, device):
 
 
 def sample(cfg, out=None):
-    """The generated texts, prompts included; with `out` (a text stream), each is written there: one sample
-    token by token, several each as soon as it is complete (in order)."""
+    """The generated texts, prompts included; with `out` (a text stream), each is written there in order: the
+    first sample of each batch token by token, the others as soon as they are complete."""
     check(cfg)
     start = read_prompt(cfg.start)
     device = pick_device(cfg.device)
@@ -137,14 +137,12 @@ def sample(cfg, out=None):
 
     prompt = tokenizer.decode(ids) if start else ""
     end = tokenizer.end_of_text if tokenizer.kind == "gpt2" else None  # a GPT-2 document ended: the sample stops
-    streaming = cfg.num_samples == 1
     texts = []
     for first in range(0, cfg.num_samples, cfg.max_batch):
         B = min(cfg.max_batch, cfg.num_samples - first)
         x = torch.tensor(ids, dtype=torch.long, device=device).expand(B, -1)  # (B, T)
         new, done, shown = [[] for _ in range(B)], [False] * B, ""
-        if streaming:
-            write(prompt)
+        write(prompt)  # the batch's first sample is printed token by token, the others once complete
         try:
             for step in generate(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tokenizer.vocab_size,
                                  cfg.seed, first, dtype):
@@ -152,23 +150,24 @@ def sample(cfg, out=None):
                     done[i] = done[i] or token == end
                     if not done[i]:
                         new[i].append(token)
-                if streaming and not done[0]:
+                if not done[0]:
                     piece = new_text(tokenizer, new[0], shown)
                     write(piece)
                     shown += piece
                 while len(texts) < first + B and done[len(texts) - first]:  # the next sample in order is complete
-                    texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
+                    texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), len(texts) == first, shown, write))
                 if all(done):
                     break
         finally:  # at the end, or on Ctrl-C: what the batch's remaining samples have so far
             while len(texts) < first + B:
-                texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), shown, streaming, write))
+                texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), len(texts) == first, shown, write))
     return texts
 
 
-def finish(prompt, text, shown, streaming, write):
-    """Write what is left of one sample and its separator; return the sample, prompt included."""
-    write((text[len(shown):] if streaming else prompt + text) + "\n" + "-" * 40 + "\n")
+def finish(prompt, text, streamed, shown, write):
+    """Write what is left of one sample (all of it, unless it was `streamed`, with `shown` already written) and its
+    separator; return the sample, prompt included."""
+    write((text[len(shown):] if streamed else prompt + text) + "\n" + "-" * 40 + "\n")
     return prompt + text
 
 

@@ -59,7 +59,8 @@ def pick(logits, temperature, top_k, vocab_limit, u):
         kth = torch.topk(logits, top_k).values[:, [-1]]                        # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)                             # (B, vocab)
-    chosen = (cdf < u * cdf[:, -1:]).sum(dim=-1, keepdim=True)                 # (B, 1)
+    # u of exactly 0 (torch.rand can draw it) would pick token 0 even when top-k removed it: count from u > 0
+    chosen = (cdf < u.clamp_min(1e-12) * cdf[:, -1:]).sum(dim=-1, keepdim=True)  # (B, 1)
     return chosen.clamp(max=logits.size(-1) - 1)
 
 

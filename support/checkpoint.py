@@ -114,7 +114,8 @@ def model_from_checkpoint(state):
     try:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
     except (KeyError, RuntimeError) as error:  # shapes that differ from the model's settings
-        raise CheckpointError(f"the checkpoint's weights do not fit its model settings: {str(error)[:300]}") from None
+        shown = " ".join(str(error).split())  # PyTorch lists each mismatch on its own line: one line here
+        raise CheckpointError(f"the checkpoint's weights do not fit its model settings: {shown[:300]}") from None
     if missing or unexpected:
         raise CheckpointError(f"the checkpoint's weights do not match its model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

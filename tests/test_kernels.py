@@ -7,6 +7,7 @@ ones that check the plain path is what runs then.
 
 import importlib.util
 import os
+import types
 
 import pytest
 import torch
@@ -45,9 +46,17 @@ def update_inputs(config, device, seed=0, B=2, T=19):
     return update, [X, x_in, c, h]
 
 
+def switch_kernel(update, on):
+    """What GPT.use_kernels does to each DeltaUpdate: its forward replaced by ddl_kernels.fused_forward, or put back."""
+    if on:
+        update.forward = types.MethodType(ddl_kernels.fused_forward, update)
+    else:
+        update.__dict__.pop("forward", None)
+
+
 def run_update(update, inputs, use_kernel, seed=1):
     """Output and the gradients of a random projection of it, for the inputs and the update's parameters."""
-    update.use_kernel = use_kernel
+    switch_kernel(update, use_kernel)
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out = update(*inputs)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
@@ -68,11 +77,15 @@ WRITES = {
 
 @needs_triton
 @pytest.mark.parametrize("name", WRITES)
-def test_fused_write_equals_the_plain_write_in_values_and_gradients(kernel_device, name):
+def test_fused_write_equals_the_plain_write_in_values_and_gradients(kernel_device, name, monkeypatch):
     config = GPTConfig(n_embd=48, n_head=2, **WRITES[name])
     update, inputs = update_inputs(config, kernel_device)
     plain, plain_grads = run_update(update, inputs, use_kernel=False)
+    calls = []
+    kernel = ddl_kernels.delta_write
+    monkeypatch.setattr(ddl_kernels, "delta_write", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     fused, fused_grads = run_update(update, inputs, use_kernel=True)
+    assert calls == [1]   # the kernel itself ran, not the plain code again
     assert fused.dtype == plain.dtype == inputs[0].dtype
     bf16 = config.state_dtype == "bfloat16"
     # bf16 storage: a sum taken in another order, or Triton's interpreter (which truncates instead of rounding),
@@ -84,6 +97,31 @@ def test_fused_write_equals_the_plain_write_in_values_and_gradients(kernel_devic
         if a is not None:
             scale = max(b.float().abs().max().item(), 1.0)
             assert (a.float() - b.float()).abs().max().item() <= (2**-7 if bf16 else 1e-5) * scale, grad_name
+
+
+@needs_triton
+@pytest.mark.parametrize("name", WRITES)
+def test_the_inference_kernel_equals_the_plain_write_under_no_grad_in_eval_mode(kernel_device, name, monkeypatch):
+    """ddl_kernels.delta_update computes beta, v and the write in one kernel (what generation runs): the same
+    X_new as DeltaUpdate.forward, and it is what the fused forward picks when no gradient is recorded."""
+    config = GPTConfig(n_embd=48, n_head=2, **WRITES[name])
+    update, (X, x_in, c, h) = update_inputs(config, kernel_device)
+    update.eval()
+    with torch.no_grad():
+        plain = DeltaUpdate.forward(update, X, x_in, c, h)
+        direct = ddl_kernels.delta_update(update, X, x_in, c, h)
+        calls = []
+        kernel = ddl_kernels.delta_update
+        monkeypatch.setattr(ddl_kernels, "delta_update", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+        monkeypatch.setattr(ddl_kernels, "delta_write", lambda *a, **k: pytest.fail("the autograd kernel ran"))
+        switch_kernel(update, True)
+        dispatched = update(X, x_in, c, h)
+    assert calls == [1]
+    assert direct.dtype == dispatched.dtype == plain.dtype == X.dtype and direct.shape == plain.shape
+    bf16 = config.state_dtype == "bfloat16"
+    for out in (direct, dispatched):
+        torch.testing.assert_close(out.float(), plain.float(), rtol=2**-7 if bf16 else 1e-5, atol=1e-5)
+    assert not torch.allclose(plain.float(), X.float(), rtol=0, atol=1e-3)   # the write changes the state at all
 
 
 @needs_triton
@@ -109,8 +147,11 @@ def test_without_a_gpu_the_plain_path_runs_and_says_so(monkeypatch):
     fused, line = use_kernels(model, None, compiled=False)
     assert not fused and "plain PyTorch" in line
     monkeypatch.setattr(ddl_kernels, "delta_write", lambda *a, **k: pytest.fail("the kernel ran on the CPU"))
+    monkeypatch.setattr(ddl_kernels, "delta_update", lambda *a, **k: pytest.fail("the kernel ran on the CPU"))
     idx = random_tokens()
     model(idx, idx)[1].backward()
+    with torch.no_grad():
+        model.eval()(idx)
 
 
 def test_the_kernel_stays_off_while_dropout_acts_on_the_write(monkeypatch):

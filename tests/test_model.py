@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from conftest import MODES, TINY_MODEL, all_logits, perturb, random_tokens, tiny_gpt
 from ddl_gpt import GPTConfig
+from generate import generate
 
 each_mode = pytest.mark.parametrize("mode", list(MODES.values()), ids=list(MODES))
 VOCAB, T = TINY_MODEL["vocab_size"], TINY_MODEL["block_size"]
@@ -131,10 +132,17 @@ def test_residual_state_and_loss_stay_float32_under_bf16_autocast(mode):
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
 
 
+def generated(model, idx, max_new_tokens, **settings):
+    """The prompt idx (B, T) followed by generate's new tokens: (B, T + max_new_tokens)."""
+    steps = list(generate(model, idx, max_new_tokens, **settings))           # max_new_tokens lists of B ids
+    new = torch.tensor(steps, dtype=torch.long).T.reshape(idx.size(0), max_new_tokens)  # (B, n)
+    return torch.cat((idx, new), dim=1)
+
+
 @torch.no_grad()
 def test_generate_extends_an_expanded_state_model_by_max_new_tokens():
     idx = random_tokens(batch=3, length=5)
-    out = tiny_gpt(residual="delta", d_v=4).eval().generate(idx, max_new_tokens=7)
+    out = generated(tiny_gpt(residual="delta", d_v=4).eval(), idx, 7)
     assert out.shape == (3, 12)
     assert torch.equal(out[:, :5], idx)
 
@@ -143,8 +151,8 @@ def test_generate_extends_an_expanded_state_model_by_max_new_tokens():
 def test_generate_crops_a_context_longer_than_block_size_to_its_last_block_size_tokens():
     model = perturb(tiny_gpt()).eval()
     long = random_tokens(batch=2, length=T + 4)
-    out = model.generate(long, max_new_tokens=3, top_k=1)              # top_k=1: greedy, deterministic
-    cropped = model.generate(long[:, -T:], max_new_tokens=3, top_k=1)
+    out = generated(model, long, 3, top_k=1)              # top_k=1: greedy, deterministic
+    cropped = generated(model, long[:, -T:], 3, top_k=1)
     assert out.shape == (2, T + 7)
     assert torch.equal(out[:, -3:], cropped[:, -3:])
 
@@ -152,9 +160,8 @@ def test_generate_crops_a_context_longer_than_block_size_to_its_last_block_size_
 @torch.no_grad()
 def test_vocab_limit_keeps_sampled_ids_below_the_limit():
     model, idx, limit = tiny_gpt().eval(), random_tokens(batch=8, length=4), 5
-    torch.manual_seed(0)
-    limited = model.generate(idx, max_new_tokens=20, vocab_limit=limit)[:, 4:]
-    unlimited = model.generate(idx, max_new_tokens=20)[:, 4:]
+    limited = generated(model, idx, 20, vocab_limit=limit)[:, 4:]
+    unlimited = generated(model, idx, 20)[:, 4:]
     assert (limited < limit).all()
     assert (unlimited >= limit).any()   # without the limit, the nearly uniform model samples above it
 
@@ -167,5 +174,5 @@ def test_forward_refuses_a_sequence_longer_than_block_size():
 def test_greedy_sampling_follows_the_argmax_of_the_logits():
     model, idx = perturb(tiny_gpt()).eval(), random_tokens(batch=4, length=6)
     with torch.no_grad():
-        next_ids = model.generate(idx, max_new_tokens=1, top_k=1)[:, -1]
+        next_ids = generated(model, idx, 1, top_k=1)[:, -1]
         assert torch.equal(next_ids, F.softmax(model(idx)[0][:, -1], dim=-1).argmax(-1))

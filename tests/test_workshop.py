@@ -9,7 +9,6 @@ no second import of torch) has to start: the whole file takes a few seconds.
 import ast
 import contextlib
 import importlib.util
-import inspect
 import io
 import re
 import runpy
@@ -188,27 +187,42 @@ def test_the_workshop_solution_of_delta_update_forward_matches_the_model(case):
             compile_method(skeleton)(update, X, x_in, c, h)
 
 
-# While ddl_gpt.py picks the fused kernel inside DeltaUpdate.forward, the student's answer replaces that choice.
-KERNEL_CHOSEN_IN_FORWARD = "ddl_kernels" in inspect.getsource(DeltaUpdate.forward)
-
-
-@pytest.mark.xfail(KERNEL_CHOSEN_IN_FORWARD, strict=True,
-                   reason="ddl_gpt.py chooses the fused kernel inside DeltaUpdate.forward, which the exercise replaces")
 def test_with_the_workshop_solution_pasted_in_use_kernels_still_switches_to_the_fused_kernel(monkeypatch):
     """The exercise has the student write forward as the equation alone: the choice of the fused kernel
-    (GPT.use_kernels) must not live in it, or the kernel tests fail for a right answer."""
+    (GPT.use_kernels) must not live in it, or the kernel tests fail for a right answer. With the kernels on,
+    every delta write goes through a kernel: the autograd one (delta_write) while gradients are recorded, the
+    inference one (delta_update) under torch.no_grad."""
     _, solution = workshop_forwards()
     monkeypatch.setattr(DeltaUpdate, "forward", compile_method(solution))
-    calls = []
+    calls = {"delta_write": 0, "delta_update": 0}
+
+    def counted(name):
+        def kernel(*args, **kwargs):                                   # delta_write(X, ...), delta_update(update, X, ...)
+            calls[name] += 1
+            return args[0] if name == "delta_write" else args[1]       # the state X, unchanged
+        return kernel
+
     monkeypatch.setattr(ddl_kernels, "available", lambda X: True)
-    monkeypatch.setattr(ddl_kernels, "delta_write", lambda X, *args, **kwargs: calls.append(1) or X)
+    for name in calls:
+        monkeypatch.setattr(ddl_kernels, name, counted(name))
     model = tiny_gpt(residual="delta").eval()
     idx = random_tokens()
+    writes = 2 * model.config.n_layer                                  # every delta write, in every block
     model(idx, idx)
-    assert calls == []                                                # off by default
+    with torch.no_grad():
+        model(idx)
+    assert calls == {"delta_write": 0, "delta_update": 0}              # off by default
     model.use_kernels(True)
     model(idx, idx)
-    assert len(calls) == 2 * model.config.n_layer                     # every delta write, in every block
+    assert calls == {"delta_write": writes, "delta_update": 0}         # gradients recorded: the autograd kernel
+    with torch.no_grad():
+        model(idx)
+    assert calls == {"delta_write": writes, "delta_update": writes}    # no gradients: the inference kernel
+    model.use_kernels(False)
+    with torch.no_grad():
+        model(idx)
+    model(idx, idx)
+    assert calls == {"delta_write": writes, "delta_update": writes}    # off again
 
 
 # ---------------------------------------------------------------------------------------------------

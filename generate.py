@@ -17,6 +17,8 @@ same whether it runs alone or in a batch, cached or not. `use_cache=False` is th
 on the whole context for every token.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -137,14 +139,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limi
     temperature=0 is greedy; top_k keeps the k likeliest; vocab_limit keeps padded-vocabulary ids that no
     tokenizer can decode out of the sample. Sample b draws from (seed, first_sample + b). dtype: "float32", or
     the autocast precision ("bfloat16", "float16"). use_graph: CUDA graphs for the decode step (default: on CUDA)."""
-    with torch.autocast(idx.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32",
-                        cache_enabled=False):  # a captured graph must not read autocast's cached weight copies
-        yield from tokens(model, idx, max_new_tokens, (temperature, top_k, vocab_limit), seed, first_sample,
-                          use_cache, idx.device.type == "cuda" if use_graph is None else use_graph)
+    # under autocast, cache_enabled=False: a captured graph must not read autocast's cached weight copies
+    precision = nullcontext() if dtype == "float32" else torch.autocast(idx.device.type, dtype=getattr(torch, dtype),
+                                                                        cache_enabled=False)
+    yield from tokens(model, idx, max_new_tokens, (temperature, top_k, vocab_limit), seed, first_sample, precision,
+                      use_cache, idx.device.type == "cuda" if use_graph is None else use_graph)
 
 
-def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, use_cache, use_graph):
-    """generate's loop, inside its autocast."""
+def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, precision, use_cache, use_graph):
+    """generate's loop; each step runs inside `precision` (left before each yield, so that none of it leaks
+    into the caller's code between tokens)."""
     block_size, (B, T), device = model.config.block_size, idx.size(), idx.device
     draws = Draws(seed, first_sample, B, device)
     context = idx[:, -block_size:]                                           # (B, <= block_size): what the model sees
@@ -152,10 +156,11 @@ def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, use_cache, 
     for n in range(max_new_tokens):
         if n % CHUNK == 0 and n > 0:
             draws.refill()
-        if not use_cache:  # the reference: every token computed from scratch over the whole context
-            logits = model(context)[0][:, -1]                                # (B, vocab)
-            token = pick(logits, *sampling, draws.next())                    # (B, 1)
-            context = torch.cat((context, token), dim=1)[:, -block_size:]    # (B, <= block_size)
-        else:
-            token = decoder.prefill(context) if n == 0 else decoder.step()   # (B, 1)
+        with precision:
+            if not use_cache:  # the reference: every token computed from scratch over the whole context
+                logits = model(context)[0][:, -1]                                # (B, vocab)
+                token = pick(logits, *sampling, draws.next())                    # (B, 1)
+                context = torch.cat((context, token), dim=1)[:, -block_size:]    # (B, <= block_size)
+            else:
+                token = decoder.prefill(context) if n == 0 else decoder.step()   # (B, 1)
         yield token[:, 0].tolist()

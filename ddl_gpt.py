@@ -106,10 +106,10 @@ class CausalSelfAttention(nn.Module):
         q = self.q_norm(q).transpose(1, 2)                          # (B, nh, T, hd)
         k = self.k_norm(k).transpose(1, 2)                          # (B, nh, T, hd)
         v = qkv[:, :, 2 * self.n_head:].transpose(1, 2)             # (B, nh, T, hd)
-        mask = None  # without one, attention is causal over the T positions themselves
+        mask = None  # without one, attention is causal over the T positions themselves (a single query reads all)
         if cache is not None:  # generation: store these positions; a decode step reads every cached one
             k, v, mask = cache.update(self, k, v)                   # 2 x (B, nh, S, hd), mask (1, 1, 1, S) or None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
         return self.c_proj(y)                                       # (B, T, C)
@@ -283,24 +283,29 @@ class KVCache:
         self.tail = torch.zeros(batch_size, Expand.taps - 1, config.n_embd, device=device)  # (B, taps - 1, d)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next decode step fills
         self.slots = torch.arange(config.block_size, device=device)  # (block_size,)
+        self.fixed_shapes = False  # decode steps read every slot through a mask (set for CUDA graphs)
         self.filled = None       # (1, 1, 1, block_size): which slots a decode step reads (GPT.decode_step)
         self.length = 0          # positions filled (the host's copy of pos)
         self.prefilling = False
 
     def update(self, attn, k, v):
         """Store the new positions' k, v (B, nh, T, hd); return the keys and values attention reads, and its mask:
-        when prefilling, k and v themselves (causal, no mask); when decoding, every slot and the mask of those filled."""
+        when prefilling, k and v themselves (causal, no mask); when decoding, the slots filled so far, or with
+        fixed_shapes (what a CUDA graph needs) every slot and the mask of those filled."""
         if self.prefilling:
-            if attn not in self.k:
+            if attn not in self.k:  # slots never written are read only through a mask, and must not be NaN there
                 shape = (self.batch_size, k.size(1), self.config.block_size, k.size(3))
-                self.k[attn] = torch.zeros(shape, dtype=k.dtype, device=k.device)  # (B, nh, block_size, hd)
-                self.v[attn] = torch.zeros(shape, dtype=v.dtype, device=v.device)  # (B, nh, block_size, hd)
+                new = torch.zeros if self.fixed_shapes else torch.empty
+                self.k[attn] = new(shape, dtype=k.dtype, device=k.device)  # (B, nh, block_size, hd)
+                self.v[attn] = new(shape, dtype=v.dtype, device=v.device)  # (B, nh, block_size, hd)
             self.k[attn][:, :, :k.size(2)] = k
             self.v[attn][:, :, :v.size(2)] = v
             return k, v, None
         self.k[attn].index_copy_(2, self.pos, k.to(self.k[attn].dtype))  # (B, nh, block_size, hd)
         self.v[attn].index_copy_(2, self.pos, v.to(self.v[attn].dtype))
-        return self.k[attn], self.v[attn], self.filled
+        if self.fixed_shapes:
+            return self.k[attn], self.v[attn], self.filled
+        return self.k[attn][:, :, :self.length + 1], self.v[attn][:, :, :self.length + 1], None  # (B, nh, S, hd)
 
 
 class GPT(nn.Module):
@@ -420,16 +425,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, token, cache):
-        """The logits (B, vocab) after one more token (B, 1) at position cache.pos, which it then advances.
-        Every tensor has the same shape at every position and the position is read on the device: one call can be
-        captured as a CUDA graph and replayed for every token (generate.py does; it counts cache.length)."""
+        """The logits (B, vocab) after one more token (B, 1) at position cache.pos, which it then advances (the
+        caller counts cache.length). With cache.fixed_shapes every tensor has the same shape at every position and
+        the position is read on the device: one call can be captured as a CUDA graph and replayed for every token."""
         e = self.transformer.wte(token)                                   # (B, 1, d)
         window = torch.cat((cache.tail, e), dim=1)                        # (B, taps, d): this token and the last ones
         cache.tail.copy_(window[:, 1:])                                   # (B, taps - 1, d)
         X = self.transformer.expand(window)[:, -1:]                       # (B, 1, d, d_v): only this token's state
         X = X.to(getattr(torch, self.config.state_dtype))
         cos, sin = self.rope_cos[cache.pos], self.rope_sin[cache.pos]     # (1, hd/2)
-        cache.filled = (cache.slots <= cache.pos).view(1, 1, 1, -1)       # (1, 1, 1, block_size)
+        if cache.fixed_shapes:
+            cache.filled = (cache.slots <= cache.pos).view(1, 1, 1, -1)   # (1, 1, 1, block_size)
         for block in self.transformer.h:
             X = block(X, cos, sin, cache)                                 # (B, 1, d, d_v)
         cache.pos.add_(1)

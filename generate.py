@@ -78,6 +78,7 @@ class Decoder:
         self.token = torch.zeros(B, 1, dtype=torch.long, device=cache.device)           # (B, 1): the latest token
         self.window = torch.zeros(B, block_size, dtype=torch.long, device=cache.device)  # (B, block_size): the last
         self.use_graph, self.graphs = use_graph, {}                                      # tokens read
+        cache.fixed_shapes = use_graph
 
     def prefill(self, context):
         """Read the context (B, T) and pick the first new token (B, 1)."""

@@ -30,6 +30,7 @@ from generate import generate  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 from support.device import pick_device, pick_dtype  # noqa: E402
+from support.speed import check_fused, use_kernels  # noqa: E402
 from support.tokenizer import from_meta  # noqa: E402
 
 
@@ -47,7 +48,7 @@ class SampleConfig:
     max_batch: int = 64            # samples generated together at most; lower it if memory runs short
     device: str = "auto"           # auto picks cuda > mps > cpu
     dtype: str = "auto"            # auto: bfloat16 on GPUs that have it, else float32
-    fused: bool | None = None      # the delta writes in one Triton kernel each (ddl_kernels.py); None: on CUDA
+    fused: bool | None = None      # the delta writes in one Triton kernel each (ddl_kernels.py); None: where it runs
     bench: bool = False            # tokens/s with and without the KV cache (random baby-GPT weights unless --out_dir)
 
 
@@ -107,10 +108,11 @@ def new_text(tokenizer, ids, shown):
 
 
 def prepare_model(model, cfg, device):
-    """The model on its device, in evaluation mode, with the fused kernels where asked and possible."""
+    """The model on its device, in evaluation mode, with the fused kernels where they can run (or as --fused says);
+    and whether they run."""
+    check_fused(cfg.fused, device, model.config)
     model = model.to(device).eval()
-    model.use_kernels(device.type == "cuda" if cfg.fused is None else cfg.fused)
-    return model
+    return model, use_kernels(model, cfg.fused, compiled=False)[0]
 
 
 def sample(cfg, out=None):
@@ -125,7 +127,7 @@ def sample(cfg, out=None):
     print(describe(path, state), file=sys.stderr, flush=True)
     tokenizer = from_meta(state["tokenizer"])
     ids = prompt_ids(start, tokenizer)
-    model = prepare_model(model_from_checkpoint(state), cfg, device)
+    model, _ = prepare_model(model_from_checkpoint(state), cfg, device)
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids)} tokens; the model sees only the last {model.config.block_size}",
               file=sys.stderr)
@@ -184,7 +186,7 @@ def bench(cfg, from_checkpoint):
     else:  # the shape of config/shakespeare_char.py, random weights
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
-    model, c, n = prepare_model(model, cfg, device), model.config, cfg.max_new_tokens
+    (model, fused), c, n = prepare_model(model, cfg, device), model.config, cfg.max_new_tokens
 
     def timed(batch, count, paths=(True, False)):
         """{use_cache: (the new tokens, the time spent in that path after each step)}. The paths take turns step
@@ -202,7 +204,7 @@ def bench(cfg, from_checkpoint):
     before = time.perf_counter()
     first_token = before - STARTED + timed(1, 1, paths=(True,))[True][1][0]
     print(f"{c.n_layer} layers x {c.n_embd} wide, block_size {c.block_size}, residual={c.residual}, d_v={c.d_v}, "
-          f"{device.type} {dtype}, kernels {'on' if cfg.fused is not False and device.type == 'cuda' else 'off'}")
+          f"{device.type} {dtype}, delta writes {'in one Triton kernel each' if fused else 'in plain PyTorch'}")
     for batch in (1, 8):
         runs = timed(batch, n)
         windows = ([c.block_size - 1] if n >= c.block_size else []) + [n]

@@ -52,10 +52,12 @@ def generated(model, idx, max_new_tokens, **settings):
     return torch.tensor(steps, dtype=torch.long).T.reshape(idx.size(0), max_new_tokens)
 
 
-def cached_logits(model, idx, prompt_length):
+def cached_logits(model, idx, prompt_length, fixed_shapes=False):
     """The logits (B, T - prompt_length + 1, vocab) after each position from prompt_length on: the prompt
-    idx[:, :prompt_length] read by prefill, then one decode step per further token, as generate runs them."""
+    idx[:, :prompt_length] read by prefill, then one decode step per further token, as generate runs them.
+    fixed_shapes: the decode steps read every slot through a mask, as they do when replayed as CUDA graphs."""
     cache = KVCache(model.config, idx.size(0), idx.device)
+    cache.fixed_shapes = fixed_shapes
     logits = [model.prefill(idx[:, :prompt_length], cache)]             # (B, vocab)
     for t in range(prompt_length, idx.size(1)):
         logits.append(model.decode_step(idx[:, t:t + 1], cache))        # (B, vocab)
@@ -68,13 +70,15 @@ def forward_logits(model, idx, prompt_length):
     return torch.stack([model(idx[:, :t])[0][:, -1] for t in range(prompt_length, idx.size(1) + 1)], dim=1)
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["slots_filled", "every_slot_masked"])
 @each_state_dtype
 @each_mode
 @torch.no_grad()
-def test_prefill_then_each_decode_step_gives_the_logits_of_forward_on_the_whole_sequence_so_far(mode, state_dtype):
+def test_prefill_then_each_decode_step_gives_the_logits_of_forward_on_the_whole_sequence_so_far(mode, state_dtype,
+                                                                                             fixed_shapes):
     model = trained_like_gpt(state_dtype=state_dtype, **mode)
     idx = prompt(length=32)                   # to the end of the cache: a 3-token prompt, then 29 decode steps
-    cached, reference = cached_logits(model, idx, 3), forward_logits(model, idx, 3)
+    cached, reference = cached_logits(model, idx, 3, fixed_shapes), forward_logits(model, idx, 3)
     assert cached.shape == reference.shape == (2, 30, VOCAB)
     # the same state_dtype both ways: a bf16 state rounds the same numbers at the same places, so the paths agree
     # to far less than one bf16 step of the logits (2^-8 of their size, about 0.01 here)

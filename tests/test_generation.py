@@ -285,3 +285,10 @@ def test_sample_script_bench_on_a_checkpoint_whose_weights_do_not_fit_its_settin
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: ") and "weights do not fit" in result.stderr
+
+
+def test_sample_script_refuses_fused_kernels_where_they_cannot_run_in_one_line(trained_run):
+    result = run_sample_script(f"--out_dir={trained_run}", "--fused=True", "--device=cpu", "--max_new_tokens=2")
+    assert result.returncode == 1 and result.stdout == ""
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: --fused=True") and "--fused=False" in last and "Traceback" not in result.stderr

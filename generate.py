@@ -1,14 +1,16 @@
 """
 Generation: a prompt read once, then one token at a time, fast on a GPU and the same on every device.
 
-    tokens = generate(model, idx, max_new_tokens=500, temperature=0.8, top_k=200, seed=1337)  # yields (B,) ids
+    for step in generate(model, idx, max_new_tokens=500, temperature=0.8, top_k=200, seed=1337):
+        ...  # step: the next token of each of the B samples, a list of B ids
 
 The steps, as in fast small-model decoders:
 - `prefill`: the prompt (B, T) in one pass, which fills a KVCache allocated once for block_size positions;
-- `decode_step`: one new token for every sample, with the same shapes at every position. On a CUDA GPU the
-  step, sampling included, is captured once as a CUDA graph and replayed: a token then costs one launch
-  instead of hundreds (at the baby GPT's size launching kernels takes longer than running them). Capturing
-  takes milliseconds, where torch.compile would take tens of seconds before the first token;
+- `decode_step`: one new token for every sample. On a CUDA GPU the step, sampling included, has the same
+  shapes at every position (attention reads every slot of the cache through a mask), is captured once as a
+  CUDA graph and replayed: a token then costs one launch instead of hundreds (at the baby GPT's size
+  launching kernels takes longer than running them). Capturing takes milliseconds, where torch.compile would
+  take tens of seconds before the first token. Elsewhere the step runs as it is and reads the filled slots;
 - past block_size the model sees the last block_size tokens: every further token reads them afresh (a shift
   moves every position, so nothing cached stays valid), exactly what the uncached reference does.
 
@@ -76,8 +78,8 @@ class Decoder:
         self.model, self.cache, self.draws, self.sampling = model, cache, draws, sampling
         B, block_size = cache.batch_size, model.config.block_size
         self.token = torch.zeros(B, 1, dtype=torch.long, device=cache.device)           # (B, 1): the latest token
-        self.window = torch.zeros(B, block_size, dtype=torch.long, device=cache.device)  # (B, block_size): the last
-        self.use_graph, self.graphs = use_graph, {}                                      # tokens read
+        self.window = torch.zeros(B, block_size, dtype=torch.long, device=cache.device)  # (B, block_size): the
+        self.use_graph, self.graphs = use_graph, {}                                      # last tokens read
         cache.fixed_shapes = use_graph
 
     def prefill(self, context):

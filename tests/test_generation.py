@@ -4,11 +4,13 @@ Generation (generate.py) with the KV cache (GPT.prefill, GPT.decode_step) agains
 not, alone or in a batch; and sample.py: streaming, the loaded-checkpoint line, batching, bad settings, Ctrl-C.
 """
 
+import dataclasses
 import signal
 import subprocess
 import sys
 
 import pytest
+import tiktoken
 import torch
 
 from support.configurator import run_cli
@@ -16,6 +18,7 @@ from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL, tiny_gpt
 from ddl_gpt import KVCache
 from generate import generate, pick
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+import sample
 from sample import SampleConfig, main, new_text
 from support.tokenizer import from_meta
 
@@ -292,3 +295,21 @@ def test_sample_script_refuses_fused_kernels_where_they_cannot_run_in_one_line(t
     assert result.returncode == 1 and result.stdout == ""
     last = result.stderr.splitlines()[-1]
     assert last.startswith("error: --fused=True") and "--fused=False" in last and "Traceback" not in result.stderr
+
+
+def test_sample_help_and_error_name_tiktokens_files_for_a_gpt2_checkpoint(tmp_path, monkeypatch, capsys):
+    model = tiny_gpt(vocab_size=50304)
+    save_checkpoint(tmp_path / "best.pt", {"model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+                                           "tokenizer": {"tokenizer": "gpt2", "vocab_size": 50257}, "iter_num": 0,
+                                           "val_loss": None})
+
+    def offline(name):
+        raise ConnectionError("openaipublic.blob.core.windows.net is unreachable")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)  # as on a machine without the files or a network
+    with pytest.raises(SystemExit) as exit:
+        run_cli(main, SampleConfig, "", [f"--out_dir={tmp_path}", "--device=cpu", "--max_new_tokens=2"])
+    message = str(exit.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "TIKTOKEN_CACHE_DIR" in message
+    run_cli(main, SampleConfig, sample.__doc__, ["--help"])
+    assert "TIKTOKEN_CACHE_DIR" in capsys.readouterr().out

@@ -122,7 +122,7 @@ def sample(cfg, out=None):
     start = read_prompt(cfg.start)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    path = Path(cfg.out_dir).expanduser() / f"{cfg.checkpoint}.pt"
+    path = Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"  # the configurator has expanded a leading ~
     state = load_checkpoint(path)
     print(describe(path, state), file=sys.stderr, flush=True)
     tokenizer = from_meta(state["tokenizer"])
@@ -144,6 +144,13 @@ def sample(cfg, out=None):
         B = min(cfg.max_batch, cfg.num_samples - first)
         x = torch.tensor(ids, dtype=torch.long, device=device).expand(B, -1)  # (B, T)
         new, done, shown = [[] for _ in range(B)], [False] * B, ""
+
+        def print_complete(everything=False):
+            """Print the batch's samples, in order, that are complete (or, with everything, all that are left)."""
+            while len(texts) < first + B and (everything or done[len(texts) - first]):
+                i = len(texts) - first
+                texts.append(finish(prompt, tokenizer.decode(new[i]), i == 0, shown, write))
+
         write(prompt)  # the batch's first sample is printed token by token, the others once complete
         try:
             for step in generate(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tokenizer.vocab_size,
@@ -156,13 +163,11 @@ def sample(cfg, out=None):
                     piece = new_text(tokenizer, new[0], shown)
                     write(piece)
                     shown += piece
-                while len(texts) < first + B and done[len(texts) - first]:  # the next sample in order is complete
-                    texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), len(texts) == first, shown, write))
+                print_complete()
                 if all(done):
                     break
         finally:  # at the end, or on Ctrl-C: what the batch's remaining samples have so far
-            while len(texts) < first + B:
-                texts.append(finish(prompt, tokenizer.decode(new[len(texts) - first]), len(texts) == first, shown, write))
+            print_complete(everything=True)
     return texts
 
 
@@ -182,7 +187,7 @@ def bench(cfg, from_checkpoint):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if from_checkpoint:
-        model = model_from_checkpoint(load_checkpoint(Path(cfg.out_dir).expanduser() / f"{cfg.checkpoint}.pt"))
+        model = model_from_checkpoint(load_checkpoint(Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"))
     else:  # the shape of config/shakespeare_char.py, random weights
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))

@@ -79,7 +79,7 @@ class Decoder:
         B, block_size = cache.batch_size, model.config.block_size
         self.token = torch.zeros(B, 1, dtype=torch.long, device=cache.device)           # (B, 1): the latest token
         self.window = torch.zeros(B, block_size, dtype=torch.long, device=cache.device)  # (B, block_size): the
-        self.use_graph, self.graphs = use_graph, {}                                      # last tokens read
+        self.use_graph, self.graphs = use_graph, {}  # last tokens read; graphs: {cache full: its step's graph}
         cache.fixed_shapes = use_graph
 
     def prefill(self, context):
@@ -91,15 +91,15 @@ class Decoder:
 
     def step(self):
         """The next token of every sample (B, 1), on the device."""
-        name = "decode" if self.cache.length < self.model.config.block_size else "reread"
-        run = self.decode if name == "decode" else self.reread
+        full = self.cache.length == self.model.config.block_size
+        run = self.reread if full else self.decode
         if self.use_graph:
-            if name not in self.graphs:
-                self.graphs[name] = self.capture(run)
-            self.graphs[name].replay()
+            if full not in self.graphs:
+                self.graphs[full] = self.capture(run)
+            self.graphs[full].replay()
         else:
             run()
-        self.cache.length = min(self.cache.length + 1, self.model.config.block_size)
+        self.cache.length = min(self.cache.length + 1, self.model.config.block_size)  # a re-read leaves it full
         return self.token
 
     def decode(self):

@@ -71,17 +71,21 @@ class GPTConfig:
 
 
 def rotary_tables(head_dim, length, base):
-    """cos and sin of every (position, frequency) pair, each (length, head_dim / 2)."""
+    """cos and sin of every (position, frequency) angle, each (length, head_dim) as apply_rotary reads them: the
+    head_dim / 2 angles twice over, and sin negative on the first half."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)          # (T, hd/2)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()                                              # 2 x (T, hd/2)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)              # 2 x (T, hd)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x[i], x[i + hd/2]) of x (B, T, nh, hd) by the angles of their position (cos, sin: (T, hd/2))."""
-    cos, sin = cos[:, None, :], sin[:, None, :]                          # 2 x (T, 1, hd/2): the same for every head
-    x1, x2 = x.float().chunk(2, dim=-1)                                  # 2 x (B, T, nh, hd/2)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, nh, hd)
+    """Rotate each pair (x1, x2) = (x[i], x[i + hd/2]) of x (B, T, nh, hd) by its position's angle:
+    (x1 cos - x2 sin, x2 cos + x1 sin), computed as x * cos + (x2, x1) * sin with rotary_tables' signs."""
+    y = x.float()                                                        # (B, T, nh, hd)
+    y1, y2 = y.chunk(2, dim=-1)                                          # 2 x (B, T, nh, hd/2)
+    swapped = torch.cat((y2, y1), dim=-1)                                # (B, T, nh, hd)
+    out = y * cos[:, None, :] + swapped * sin[:, None, :]                # (B, T, nh, hd): the same angles for every head
     return out.type_as(x)
 
 
@@ -323,8 +327,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads tokens in and out
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
-        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd/2)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd)
         self.init_weights()
 
     @torch.no_grad()
@@ -372,7 +376,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]   # (T, hd/2)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]   # (T, hd)
         state_dtype = getattr(torch, self.config.state_dtype)
         X = self.transformer.expand(self.transformer.wte(idx)).to(state_dtype)  # (B, T, d, d_v)
         for block in self.transformer.h:
@@ -433,7 +437,7 @@ class GPT(nn.Module):
         cache.tail.copy_(window[:, 1:])                                   # (B, taps - 1, d)
         X = self.transformer.expand(window)[:, -1:]                       # (B, 1, d, d_v): only this token's state
         X = X.to(getattr(torch, self.config.state_dtype))
-        cos, sin = self.rope_cos[cache.pos], self.rope_sin[cache.pos]     # (1, hd/2)
+        cos, sin = self.rope_cos[cache.pos], self.rope_sin[cache.pos]     # (1, hd)
         if cache.fixed_shapes:
             cache.filled = (cache.slots <= cache.pos).view(1, 1, 1, -1)   # (1, 1, 1, block_size)
         for block in self.transformer.h:

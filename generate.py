@@ -11,6 +11,10 @@ The steps, as in fast small-model decoders:
   CUDA graph and replayed: a token then costs one launch instead of hundreds (at the baby GPT's size
   launching kernels takes longer than running them). Capturing takes milliseconds, where torch.compile would
   take tens of seconds before the first token. Elsewhere the step runs as it is and reads the filled slots;
+- with compile=True, torch.compile first fuses that step's small kernels into a few larger ones: tens of
+  seconds once, for a faster step after (worth it for long generations; docs/PERFORMANCE.md has the numbers);
+- on CUDA the next step is launched before the last one's tokens are read back, so the GPU does not wait
+  while Python hands them out;
 - past block_size the model sees the last block_size tokens: every further token reads them afresh (a shift
   moves every position, so nothing cached stays valid), exactly what the uncached reference does.
 
@@ -22,6 +26,7 @@ on the whole context for every token.
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -68,19 +73,39 @@ def pick(logits, temperature, top_k, vocab_limit, u):
     return chosen.clamp(max=logits.size(-1) - 1)
 
 
+def cast_weights(model, dtype):
+    """Store in `dtype` ("bfloat16", "float16"; "float32" changes nothing) the weights that autocast would cast to it
+    at every step: those of the attention, MLP and LM head products, and the gains of the query and key norms
+    (their inputs are in dtype, and only a gain of its input's dtype lets the norm run as one fused kernel). At
+    batch 1 these casts are a third of a step's kernels. The products are the same, since autocast multiplies in
+    dtype either way; the LM head gets its own copy, and the embedding it shares a matrix with keeps float32.
+    For a model that only generates: it is changed in place, and returned."""
+    if dtype == "float32":
+        return model
+    for block in model.transformer.h:
+        for module in (block.attn.c_attn, block.attn.c_proj, block.attn.q_norm, block.attn.k_norm,
+                       block.mlp.c_fc, block.mlp.c_proj):
+            module.to(getattr(torch, dtype))
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(getattr(torch, dtype)))  # (vocab, d)
+    return model
+
+
 class Decoder:
     """Generation with the cache, on static buffers: the last token in, the next one written back in its place.
     Two steps, each with the same shapes every time, so that on CUDA each is captured once as a CUDA graph and
     then replayed: the decode step (one position, while the cache has room) and the re-read (past block_size:
     the last block_size tokens read afresh)."""
 
-    def __init__(self, model, cache, draws, sampling, use_graph):
+    def __init__(self, model, cache, draws, sampling, use_graph, compile=False):
         self.model, self.cache, self.draws, self.sampling = model, cache, draws, sampling
+        if compile:  # fixed shapes: one compilation of each step, the first time it runs
+            self.decode = torch.compile(self.decode, dynamic=False, fullgraph=True)
+            self.reread = torch.compile(self.reread, dynamic=False, fullgraph=True)
         B, block_size = cache.batch_size, model.config.block_size
         self.token = torch.zeros(B, 1, dtype=torch.long, device=cache.device)           # (B, 1): the latest token
         self.window = torch.zeros(B, block_size, dtype=torch.long, device=cache.device)  # (B, block_size): the
         self.use_graph, self.graphs = use_graph, {}  # last tokens read; graphs: {cache full: its step's graph}
-        cache.fixed_shapes = use_graph
+        cache.fixed_shapes = use_graph or compile  # one shape for every step: a graph or a compilation covers all
 
     def prefill(self, context):
         """Read the context (B, T) and pick the first new token (B, 1)."""
@@ -137,25 +162,45 @@ class Decoder:
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, seed=1337, first_sample=0,
-             dtype="float32", use_cache=True, use_graph=None):
+             dtype="float32", use_cache=True, use_graph=None, compile=False):
     """Yield, max_new_tokens times, the next token of every sample (a list of B ints) that continue idx (B, T).
     temperature=0 is greedy; top_k keeps the k likeliest; vocab_limit keeps padded-vocabulary ids that no
     tokenizer can decode out of the sample. Sample b draws from (seed, first_sample + b). dtype: "float32", or
-    the autocast precision ("bfloat16", "float16"). use_graph: CUDA graphs for the decode step (default: on CUDA)."""
+    the autocast precision ("bfloat16", "float16"; cast_weights makes it faster). use_graph: CUDA graphs for the
+    decode step (default: on CUDA). compile: torch.compile the decode step first (with the cache only)."""
     # under autocast, cache_enabled=False: a captured graph must not read autocast's cached weight copies
     precision = nullcontext() if dtype == "float32" else torch.autocast(idx.device.type, dtype=getattr(torch, dtype),
                                                                         cache_enabled=False)
     yield from tokens(model, idx, max_new_tokens, (temperature, top_k, vocab_limit), seed, first_sample, precision,
-                      use_cache, idx.device.type == "cuda" if use_graph is None else use_graph)
+                      use_cache, idx.device.type == "cuda" if use_graph is None else use_graph, compile)
 
 
-def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, precision, use_cache, use_graph):
+class Fetch:
+    """The token ids (B, 1) of one step, on their way to the host: on CUDA the copy is queued behind the step and
+    waited for only when read, so that the next step can be launched first; elsewhere they are read at once."""
+
+    def __init__(self, token):
+        self.ids = token[:, 0].to("cpu", non_blocking=True) if token.is_cuda else token[:, 0].tolist()
+        self.done = torch.cuda.Event() if token.is_cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def read(self):
+        """The B token ids, a list of ints."""
+        if self.done is None:
+            return self.ids
+        self.done.synchronize()
+        return self.ids.tolist()
+
+
+def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, precision, use_cache, use_graph, compile):
     """generate's loop; each step runs inside `precision` (left before each yield, so that none of it leaks
-    into the caller's code between tokens)."""
+    into the caller's code between tokens). A step's tokens are handed out once the next step is launched."""
     block_size, (B, T), device = model.config.block_size, idx.size(), idx.device
     draws = Draws(seed, first_sample, B, device)
     context = idx[:, -block_size:]                                           # (B, <= block_size): what the model sees
-    decoder = Decoder(model, KVCache(model.config, B, device), draws, sampling, use_graph) if use_cache else None
+    decoder = Decoder(model, KVCache(model.config, B, device), draws, sampling, use_graph, compile) if use_cache else None
+    launched = None  # the last step's Fetch
     for n in range(max_new_tokens):
         if n % CHUNK == 0 and n > 0:
             draws.refill()
@@ -166,4 +211,8 @@ def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, precision, 
                 context = torch.cat((context, token), dim=1)[:, -block_size:]    # (B, <= block_size)
             else:
                 token = decoder.prefill(context) if n == 0 else decoder.step()   # (B, 1)
-        yield token[:, 0].tolist()
+        if launched is not None:
+            yield launched.read()
+        launched = Fetch(token)
+    if launched is not None:
+        yield launched.read()

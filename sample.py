@@ -12,7 +12,8 @@ validation loss (best.pt). One line on stderr first says which checkpoint was lo
 together as one batch (at most --max_batch at a time; each sample draws from its own random stream, so it
 is the same in any batch); the first sample of a batch is printed token by token, the others once complete.
 Generation (generate.py) reads the prompt once, then each new token with a cache of attention's keys and
-values; on a CUDA GPU each token's step is replayed as a CUDA graph.
+values; on a CUDA GPU each token's step is replayed as a CUDA graph (--compile=True fuses it first, for
+long generations).
 """
 
 import time
@@ -26,11 +27,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from ddl_gpt import GPT, GPTConfig  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import cast_weights, generate  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 from support.device import pick_device, pick_dtype  # noqa: E402
-from support.speed import check_fused, use_kernels  # noqa: E402
+from support.speed import check_fused, compile_blocker, use_kernels  # noqa: E402
 from support.tokenizer import from_meta  # noqa: E402
 
 
@@ -49,6 +50,9 @@ class SampleConfig:
     device: str = "auto"           # auto picks cuda > mps > cpu
     dtype: str = "auto"            # auto: bfloat16 on GPUs that have it, else float32
     fused: bool | None = None      # the delta writes in one Triton kernel each (ddl_kernels.py); None: where it runs
+                                   # and the step is not compiled
+    compile: bool = False          # torch.compile the decode step: fewer kernels per token, for tens of seconds at
+                                   # the start (pays off over thousands of tokens; docs/PERFORMANCE.md)
     bench: bool = False            # tokens/s with and without the KV cache (random baby-GPT weights unless --out_dir)
 
 
@@ -107,12 +111,14 @@ def new_text(tokenizer, ids, shown):
     return "" if text.endswith("\ufffd") else text[len(shown):]
 
 
-def prepare_model(model, cfg, device):
-    """The model on its device, in evaluation mode, with the fused kernels where they can run (or as --fused says);
-    and whether they run."""
+def prepare_model(model, cfg, device, dtype):
+    """The model on its device, in evaluation mode, its matrix weights stored in the generation's dtype, with the
+    fused kernels where they can run (or as --fused says); and whether they run."""
     check_fused(cfg.fused, device, model.config)
-    model = model.to(device).eval()
-    return model, use_kernels(model, cfg.fused, compiled=False)[0]
+    if cfg.compile and compile_blocker(device):
+        raise ConfigError(f"--compile=True: {compile_blocker(device)}; use --compile=False")
+    model = cast_weights(model.to(device).eval(), dtype)
+    return model, use_kernels(model, cfg.fused, compiled=cfg.compile)[0]
 
 
 def sample(cfg, out=None):
@@ -127,7 +133,7 @@ def sample(cfg, out=None):
     print(describe(path, state), file=sys.stderr, flush=True)
     tokenizer = from_meta(state["tokenizer"])
     ids = prompt_ids(start, tokenizer)
-    model, _ = prepare_model(model_from_checkpoint(state), cfg, device)
+    model, _ = prepare_model(model_from_checkpoint(state), cfg, device, dtype)
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids)} tokens; the model sees only the last {model.config.block_size}",
               file=sys.stderr)
@@ -154,7 +160,7 @@ def sample(cfg, out=None):
         write(prompt)  # the batch's first sample is printed token by token, the others once complete
         try:
             for step in generate(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tokenizer.vocab_size,
-                                 cfg.seed, first, dtype):
+                                 cfg.seed, first, dtype, compile=cfg.compile):
                 for i, token in enumerate(step):
                     done[i] = done[i] or token == end
                     if not done[i]:
@@ -191,13 +197,14 @@ def bench(cfg, from_checkpoint):
     else:  # the shape of config/shakespeare_char.py, random weights
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
-    (model, fused), c, n = prepare_model(model, cfg, device), model.config, cfg.max_new_tokens
+    (model, fused), c, n = prepare_model(model, cfg, device, dtype), model.config, cfg.max_new_tokens
 
     def timed(batch, count, paths=(True, False)):
         """{use_cache: (the new tokens, the time spent in that path after each step)}. The paths take turns step
         by step, so that both see the same load on a shared machine; each step waits for its tokens."""
         x = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
-        streams = {u: generate(model, x, count, temperature=0, dtype=dtype, use_cache=u) for u in paths}
+        streams = {u: generate(model, x, count, temperature=0, dtype=dtype, use_cache=u, compile=cfg.compile and u)
+                   for u in paths}
         tokens, times = {u: [] for u in paths}, {u: [0.0] for u in paths}
         for _ in range(count):
             for u, stream in streams.items():

@@ -4,6 +4,7 @@ Generation (generate.py) with the KV cache (GPT.prefill, GPT.decode_step) agains
 not, alone or in a batch; and sample.py: streaming, the loaded-checkpoint line, batching, bad settings, Ctrl-C.
 """
 
+import copy
 import dataclasses
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from support.configurator import run_cli
 from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL, tiny_gpt
 from ddl_gpt import KVCache
-from generate import generate, pick
+from generate import cast_weights, generate, pick
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 import sample
 from sample import SampleConfig, main, new_text
@@ -175,6 +176,31 @@ def test_every_generation_path_keeps_the_state_in_its_state_dtype(mode, dtype):
         seen.clear()
         tokens = generated(model, idx, 20, temperature=0, dtype=dtype, use_cache=use_cache)
         assert tokens.shape == (2, 20) and len(seen) > 0 and set(seen) == {torch.bfloat16}
+
+
+@each_mode
+@torch.no_grad()
+def test_weights_stored_in_bf16_give_the_logits_of_bf16_autocast_and_leave_the_embedding_in_fp32(mode):
+    """cast_weights stores once what autocast casts every step; with gains of the q/k norms that bf16 holds exactly,
+    the logits are bit for bit those of the model left in fp32. The LM head is untied: the embedding keeps fp32."""
+    model, idx = trained_like_gpt(block_size=16, **mode), prompt(length=10)
+    for block in model.transformer.h:
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            norm.weight.copy_(norm.weight.bfloat16().float())
+    cast = cast_weights(copy.deepcopy(model), "bfloat16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(forward_logits(cast, idx, 4), forward_logits(model, idx, 4))
+    assert cast.transformer.h[0].mlp.c_fc.weight.dtype == cast.lm_head.weight.dtype == torch.bfloat16
+    assert cast.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(cast.transformer.wte.weight, model.transformer.wte.weight)
+    assert torch.equal(cast.lm_head.weight, model.transformer.wte.weight.bfloat16())
+
+
+@torch.no_grad()
+def test_a_compiled_decode_step_picks_the_uncached_tokens_also_past_block_size():
+    model, idx = trained_like_gpt(block_size=16, residual="delta", d_v=4), prompt(length=10)
+    compiled = generated(model, idx, 20, temperature=0, compile=True)   # 30 tokens > block_size: the re-read too
+    assert torch.equal(compiled, generated(model, idx, 20, temperature=0, use_cache=False))
 
 
 def test_incremental_decoding_holds_back_a_character_split_across_gpt2_tokens(gpt2_tokenizer):

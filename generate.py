@@ -33,6 +33,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ddl_gpt import KVCache
 
 CHUNK = 1024  # uniforms drawn per sample at a time
+# Attention over a whole context (the prompt, the re-read past block_size) is causal without a mask. cuDNN's
+# attention, which PyTorch may pick under bf16, builds a plan for every new length, slow the first time;
+# flash and memory-efficient attention need none.
+WHOLE_CONTEXT = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Draws:
@@ -110,7 +114,8 @@ class Decoder:
     def prefill(self, context):
         """Read the context (B, T) and pick the first new token (B, 1)."""
         self.window[:, -context.size(1):] = context
-        logits = self.model.prefill(context, self.cache)                                  # (B, vocab)
+        with sdpa_kernel(WHOLE_CONTEXT):
+            logits = self.model.prefill(context, self.cache)                              # (B, vocab)
         self.token.copy_(pick(logits, *self.sampling, self.draws.next()))                 # (B, 1)
         return self.token
 
@@ -139,7 +144,8 @@ class Decoder:
     def reread(self):
         # past block_size every position moves: the cache is filled afresh from the last block_size tokens
         self.window.copy_(torch.cat((self.window[:, 1:], self.token), dim=1))           # (B, block_size)
-        logits = self.model.prefill(self.window, self.cache)                            # (B, vocab)
+        with sdpa_kernel(WHOLE_CONTEXT):
+            logits = self.model.prefill(self.window, self.cache)                        # (B, vocab)
         self.token.copy_(pick(logits, *self.sampling, self.draws.next()))               # (B, 1)
 
     def capture(self, run):

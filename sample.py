@@ -186,7 +186,9 @@ def finish(prompt, text, streamed, shown, write):
 
 def bench(cfg, from_checkpoint):
     """Print new tokens per second with and without the KV cache, greedy from a one-token prompt, at batch 1 and
-    batch 8 (new tokens of all samples per second), and the time from the script's start to the first token."""
+    batch 8 (new tokens of all samples per second): over all of them, and after the first (which carries the
+    one-time costs: CUDA graph capture, Triton's and torch.compile's compilation); and the time from the
+    script's start to the first token."""
     check(cfg)
     if cfg.max_new_tokens < 1:
         raise ConfigError("--bench times --max_new_tokens tokens: give 1 or more")
@@ -199,32 +201,39 @@ def bench(cfg, from_checkpoint):
         model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
     (model, fused), c, n = prepare_model(model, cfg, device, dtype), model.config, cfg.max_new_tokens
 
-    def timed(batch, count, paths=(True, False)):
-        """{use_cache: (the new tokens, the time spent in that path after each step)}. The paths take turns step
-        by step, so that both see the same load on a shared machine; each step waits for its tokens."""
+    def timed(batch, count, use_cache):
+        """The new tokens of one greedy generation of `count` tokens, and the time from its start to each token's
+        arrival. The paths run one after the other, never taking turns: the cached path launches its next step
+        before it hands out a token, and that step's work must not land in the other path's time."""
         x = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
-        streams = {u: generate(model, x, count, temperature=0, dtype=dtype, use_cache=u, compile=cfg.compile and u)
-                   for u in paths}
-        tokens, times = {u: [] for u in paths}, {u: [0.0] for u in paths}
-        for _ in range(count):
-            for u, stream in streams.items():
-                t0 = time.perf_counter()
-                tokens[u].append(next(stream))
-                times[u].append(times[u][-1] + time.perf_counter() - t0)
-        return {u: (tokens[u], times[u][1:]) for u in paths}
+        tokens, stamps, t0 = [], [], time.perf_counter()
+        for step in generate(model, x, count, temperature=0, dtype=dtype, use_cache=use_cache,
+                             compile=cfg.compile and use_cache):
+            tokens.append(step)
+            stamps.append(time.perf_counter() - t0)
+        return tokens, stamps
+
+    def rates(batch, stamps):
+        """The time to the first token, then the rate after it: over every later token, and within block_size."""
+        line = f"first token after {stamps[0] * 1e3:,.1f} ms"
+        if len(stamps) > 1:
+            line += f", then {batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]):,.0f}/s"
+        if len(stamps) >= c.block_size:  # from the second token to the last that fits the cache without a re-read
+            k = c.block_size - 1
+            line += f" (tokens 2-{k}: {batch * (k - 1) / (stamps[k - 1] - stamps[0]):,.0f}/s)"
+        return line
 
     before = time.perf_counter()
-    first_token = before - STARTED + timed(1, 1, paths=(True,))[True][1][0]
+    first_token = before - STARTED + timed(1, 1, use_cache=True)[1][0]
     print(f"{c.n_layer} layers x {c.n_embd} wide, block_size {c.block_size}, residual={c.residual}, d_v={c.d_v}, "
-          f"{device.type} {dtype}, delta writes {'in one Triton kernel each' if fused else 'in plain PyTorch'}")
+          f"{device.type} {dtype}, delta writes {'in one Triton kernel each' if fused else 'in plain PyTorch'}"
+          f"{', decode step compiled' if cfg.compile else ''}")
     for batch in (1, 8):
-        runs = timed(batch, n)
-        windows = ([c.block_size - 1] if n >= c.block_size else []) + [n]
-        rates = []
-        for k in windows:
-            cached, uncached = (batch * k / runs[u][1][k - 1] for u in (True, False))
-            rates.append(f"first {k}: cached {cached:,.0f} tokens/s, uncached {uncached:,.0f} ({cached / uncached:.1f}x)")
-        print(f"  batch {batch}: " + "; ".join(rates) + f"; same tokens both ways: {runs[True][0] == runs[False][0]}")
+        (cached, t_cached), (uncached, t_uncached) = timed(batch, n, True), timed(batch, n, False)
+        speed = [batch * n / t[-1] for t in (t_cached, t_uncached)]
+        print(f"  batch {batch}: {n} new tokens, cached {speed[0]:,.0f} tokens/s, uncached {speed[1]:,.0f} "
+              f"({speed[0] / speed[1]:.1f}x); same tokens both ways: {cached == uncached}")
+        print(f"    cached: {rates(batch, t_cached)}; uncached: {rates(batch, t_uncached)}")
     print(f"  from the script's start to the first new token: {first_token:.2f} s")
 
 

@@ -299,9 +299,11 @@ def test_sample_script_bench_times_batch_1_and_8_with_the_same_tokens_both_ways(
     result = run_sample_script("--bench", f"--out_dir={trained_run}", "--device=cpu", "--max_new_tokens=3")
     assert result.returncode == 0, result.stderr
     rows = result.stdout.splitlines()
-    assert [row.split(":")[0].strip() for row in rows[1:3]] == ["batch 1", "batch 8"]
-    assert all(row.endswith("same tokens both ways: True") for row in rows[1:3])
-    assert "to the first new token" in rows[3]
+    assert [row.split(":")[0].strip() for row in rows[1:5:2]] == ["batch 1", "batch 8"]
+    assert all(row.endswith("same tokens both ways: True") for row in rows[1:5:2])
+    assert all(row.strip().startswith("cached: first token after") and "uncached: first token" in row
+               for row in rows[2:6:2])
+    assert "to the first new token" in rows[5]
 
 
 def test_sample_script_bench_on_a_checkpoint_whose_weights_do_not_fit_its_settings_ends_in_one_line(trained_run,

@@ -98,7 +98,8 @@ def test_delta_toy_notices_a_delta_update_that_disagrees_with_the_equation(monke
     ("delta_toy.py", "--betas=0,3"), ("delta_toy.py", "--x=1"), ("delta_toy.py", "--k=0,0"),
     ("delta_toy.py", "--betass=1"), ("state_figure.py", "--beta=2.5"), ("state_figure.py", "--v=1,2"),
     ("read_gates.py", "--out_dir=no-such-run"), ("gradient_step.py", "--sed=1"),
-    ("gradient_step.py", "--seed=99999999999999999999999")])
+    ("gradient_step.py", "--seed=99999999999999999999999"), ("generation_speed.py", "--what=foo"),
+    ("generation_speed.py", "--modes=delta:3")])
 def test_a_bad_setting_ends_in_one_error_line(script, argument):
     status, out, err = run_script(DOCS / script, argument)
     assert status == 1 and out == ""

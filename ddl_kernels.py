@@ -120,33 +120,58 @@ def _launch(D, DV):
     return dict(BLOCK_D=block_d, num_warps=min(16, max(4, block_d * DV // 256)))
 
 
-class DeltaWrite(torch.autograd.Function):
-    """X_new (B, T, d, d_v) from X (B, T, d, d_v), h (B, T, d), beta (B, T) and v (B, T, d_v); one program per token."""
+@torch.library.custom_op("ddl::delta_write", mutates_args=())
+def _delta_write(X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.Tensor, erase: bool, eps: float
+                 ) -> torch.Tensor:
+    """X_new (B, T, d, d_v) from X (B, T, d, d_v), h (B, T, d), beta (B, T) and v (B, T, d_v) in fp32; one program
+    per token. An operator of its own, so that torch.compile keeps it as one call in the graph it compiles."""
+    X, h, beta, v = X.contiguous(), h.contiguous(), beta.contiguous(), v.contiguous()
+    B, T, D, DV = X.shape
+    X_new = torch.empty_like(X)                                       # (B, T, d, d_v)
+    _forward_kernel[(B * T,)](X, h, beta, v, X_new, D, eps * eps, DV=DV, ERASE=erase, **_launch(D, DV))
+    return X_new
 
-    @staticmethod
-    def forward(ctx, X, h, beta, v, erase, eps):
-        X, h, beta, v = X.contiguous(), h.contiguous(), beta.float().contiguous(), v.float().contiguous()
-        B, T, D, DV = X.shape
-        X_new = torch.empty_like(X)                                   # (B, T, d, d_v)
-        _forward_kernel[(B * T,)](X, h, beta, v, X_new, D, eps * eps, DV=DV, ERASE=erase, **_launch(D, DV))
-        ctx.save_for_backward(X, h, beta, v)
-        ctx.erase, ctx.eps = erase, eps
-        return X_new
 
-    @staticmethod
-    def backward(ctx, g):
-        X, h, beta, v = ctx.saved_tensors
-        B, T, D, DV = X.shape
-        dX, dh = torch.empty_like(X), torch.empty_like(h)              # (B, T, d, d_v), (B, T, d)
-        dbeta, dv = torch.empty_like(beta), torch.empty_like(v)        # (B, T), (B, T, d_v)
-        _backward_kernel[(B * T,)](X, h, beta, v, g.contiguous(), dX, dh, dbeta, dv, D, ctx.eps * ctx.eps,
-                                   DV=DV, ERASE=ctx.erase, **_launch(D, DV))
-        return dX, dh, dbeta, dv, None, None
+@torch.library.custom_op("ddl::delta_write_backward", mutates_args=())
+def _delta_write_backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.Tensor,
+                          erase: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dX, dh, dbeta, dv of ddl::delta_write from g = dL/dX_new (B, T, d, d_v): the equations at the top."""
+    g, X, h, beta, v = g.contiguous(), X.contiguous(), h.contiguous(), beta.contiguous(), v.contiguous()
+    B, T, D, DV = X.shape
+    dX, dh = torch.empty_like(X), torch.empty_like(h)                  # (B, T, d, d_v), (B, T, d)
+    dbeta, dv = torch.empty_like(beta), torch.empty_like(v)            # (B, T), (B, T, d_v)
+    _backward_kernel[(B * T,)](X, h, beta, v, g, dX, dh, dbeta, dv, D, eps * eps, DV=DV, ERASE=erase,
+                               **_launch(D, DV))
+    return dX, dh, dbeta, dv
+
+
+# What torch.compile traces in place of the kernels: outputs of the right shape, dtype and (contiguous) layout.
+@_delta_write.register_fake
+def _(X, h, beta, v, erase, eps):
+    return torch.empty_like(X, memory_format=torch.contiguous_format)                        # (B, T, d, d_v)
+
+
+@_delta_write_backward.register_fake
+def _(g, X, h, beta, v, erase, eps):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (X, h, beta, v))
+
+
+def _save_inputs(ctx, inputs, output):
+    X, h, beta, v, ctx.erase, ctx.eps = inputs
+    ctx.save_for_backward(X, h, beta, v)
+
+
+def _backward(ctx, g):
+    return *_delta_write_backward(g, *ctx.saved_tensors, ctx.erase, ctx.eps), None, None
+
+
+_delta_write.register_autograd(_backward, setup_context=_save_inputs)
 
 
 def delta_write(X, h, beta, v, erase=True, eps=1e-5):
-    """X + beta * k ⊗ (v - kᵀX) with k = h / sqrt(|h|^2 + eps^2), fused: (B, T, d, d_v). See DeltaWrite."""
-    return DeltaWrite.apply(X, h, beta, v, erase, eps)
+    """X + beta * k ⊗ (v - kᵀX) with k = h / sqrt(|h|^2 + eps^2), fused: (B, T, d, d_v). beta (B, T) and v (B, T, d_v)
+    enter the kernel in fp32, their gradients leave it so (autograd casts them back to the inputs' dtype)."""
+    return _delta_write(X, h, beta.float(), v.float(), erase, eps)
 
 
 @torch.no_grad()

@@ -174,17 +174,30 @@ def delta_write(X, h, beta, v, erase=True, eps=1e-5):
     return _delta_write(X, h, beta.float(), v.float(), erase, eps)
 
 
+@torch.library.custom_op("ddl::delta_update", mutates_args=())
+def _delta_update(X: torch.Tensor, x_in: torch.Tensor, c: torch.Tensor, h: torch.Tensor, gate_weight: torch.Tensor,
+                  gate_bias: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor, erase: bool,
+                  linear_value: bool, eps: float) -> torch.Tensor:
+    """X_new (B, T, d, d_v) from X (B, T, d, d_v), x_in, c, h (B, T, d) and a DeltaUpdate's parameters. No autograd."""
+    X, x_in, c, h = X.contiguous(), x_in.contiguous(), c.contiguous(), h.contiguous()
+    B, T, D, DV = X.shape
+    X_new = torch.empty_like(X)                                       # (B, T, d, d_v)
+    _update_kernel[(B * T,)](X, x_in, c, h, gate_weight, gate_bias, value_weight, value_bias, X_new, D, eps * eps,
+                             DV=DV, ERASE=erase, LINEAR_VALUE=linear_value, **_launch(D, DV))
+    return X_new
+
+
+@_delta_update.register_fake
+def _(X, x_in, c, h, gate_weight, gate_bias, value_weight, value_bias, erase, linear_value, eps):
+    return torch.empty_like(X, memory_format=torch.contiguous_format)                        # (B, T, d, d_v)
+
+
 @torch.no_grad()
 def delta_update(update, X, x_in, c, h, eps=1e-5):
     """DeltaUpdate `update`'s whole write X -> X_new (B, T, d, d_v), beta and v computed inside the kernel too.
     Without autograd (generation, evaluation): one launch, where the plain code makes a dozen."""
-    X, x_in, c, h = X.contiguous(), x_in.contiguous(), c.contiguous(), h.contiguous()
-    B, T, D, DV = X.shape
-    X_new = torch.empty_like(X)                                       # (B, T, d, d_v)
-    _update_kernel[(B * T,)](X, x_in, c, h, update.gate_weight, update.gate_bias, update.value_proj.weight,
-                             update.value_proj.bias, X_new, D, eps * eps, DV=DV, ERASE=update.erase,
-                             LINEAR_VALUE=update.linear_value, **_launch(D, DV))
-    return X_new
+    return _delta_update(X, x_in, c, h, update.gate_weight, update.gate_bias, update.value_proj.weight,
+                         update.value_proj.bias, update.erase, update.linear_value, eps)
 
 
 def fused_forward(update, X, x_in, c, h):

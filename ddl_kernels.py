@@ -5,12 +5,17 @@ A fused GPU kernel for the delta write, the one operation where DDL differs from
 
 `DeltaUpdate.forward` in ddl_gpt.py is the reference; this file computes the same thing with one read and
 one write of the state per token, forward and backward, instead of the several passes that separate
-PyTorch operations make when nothing fuses them (no torch.compile). Under torch.compile the plain code is
-faster on an H200: Inductor fuses the write with the norms and reads around it, which a hand-written
-kernel prevents (README, Performance). So train.py uses this kernel only where it does not compile.
-Generation (no autograd) uses `delta_update`, which also computes the gate beta and the value v inside the
-kernel: one launch per write where the plain code makes a dozen. `GPT.use_kernels` switches both in by
-replacing each DeltaUpdate's forward with `fused_forward`; DeltaUpdate.forward itself stays the equation.
+PyTorch operations make when nothing fuses them (no torch.compile). Generation (no autograd) uses
+`delta_update`, which also computes the gate beta and the value v inside the kernel: one launch per write
+where the plain code makes a dozen. `GPT.use_kernels` switches both in by replacing each DeltaUpdate's
+forward with `fused_forward`; DeltaUpdate.forward itself stays the equation.
+
+Each kernel is a PyTorch operator (torch.library): ddl::delta_write with its backward
+ddl::delta_write_backward, and ddl::delta_update. torch.compile keeps an operator as one opaque call in
+the graph it compiles, knowing only its outputs' shapes (the "fakes" below), so a compiled model can run
+the kernels too. Inductor then cannot fuse the write with the norms and reads around it, as it does the
+plain code; which of the two runs faster compiled is for measurements to say (docs/PERFORMANCE.md).
+train.py's default runs the kernels only where it does not compile; --fused=True runs them compiled too.
 
 It runs only on CUDA, where Triton comes with PyTorch, and only for d_v in (1, 2, 4, 8); everywhere
 else ddl_gpt.py runs its plain PyTorch code. tests/test_kernels.py checks values and gradients against it.

@@ -84,8 +84,9 @@ def check_fused(fused, device, config):
 
 def use_kernels(model, fused, compiled):
     """Turn the fused delta write (ddl_kernels.py) on or off. fused=None picks it where it can run and the model
-    is not compiled: torch.compile fuses the plain code with its neighbours, which measured faster
-    (docs/PERFORMANCE.md). Returns whether the kernel runs, and the line that says which code runs the writes."""
+    is not compiled: torch.compile fuses the plain code with its neighbours, where it keeps the kernel as one
+    operator that nothing fuses into (docs/PERFORMANCE.md). fused=True runs it in a compiled model too.
+    Returns whether the kernel runs, and the line that says which code runs the writes."""
     if model.config.residual == "add":
         return False, "residual=add: no delta writes"
     blocker = kernel_blocker(next(model.parameters()).device, model.config)

@@ -141,6 +141,66 @@ def test_a_model_with_fused_writes_has_the_plain_models_loss_and_gradients(kerne
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-3), name
 
 
+@needs_triton
+def test_the_kernels_are_operators_that_pass_torch_librarys_checks(kernel_device):
+    """ddl::delta_write, its backward and ddl::delta_update as torch.compile sees them: opcheck's default checks
+    (the schema, the autograd registration, the fakes' shapes against the kernels' outputs, and the operators
+    traced by AOTAutograd with dynamic shapes, gradients included, against the same calls run eagerly)."""
+    B, T, d, d_v = 2, 3, 48, 4
+    X, g = torch.randn(B, T, d, d_v, device=kernel_device), torch.randn(B, T, d, d_v, device=kernel_device)
+    h, x_in, c = (torch.randn(B, T, d, device=kernel_device) for _ in range(3))
+    beta, v = torch.rand(B, T, device=kernel_device), torch.randn(B, T, d_v, device=kernel_device)
+    graded = [t.clone().requires_grad_() for t in (X, h, beta, v)]
+    for erase in (True, False):
+        torch.library.opcheck(torch.ops.ddl.delta_write.default, (*graded, erase, 1e-5))
+        torch.library.opcheck(torch.ops.ddl.delta_write_backward.default, (g, X, h, beta, v, erase, 1e-5))
+    update, _ = update_inputs(GPTConfig(n_embd=d, n_head=2, d_v=d_v), kernel_device)
+    parameters = [p.detach() for p in (update.gate_weight, update.gate_bias, update.value_proj.weight,
+                                        update.value_proj.bias)]
+    torch.library.opcheck(torch.ops.ddl.delta_update.default, (X, x_in, c, h, *parameters, True, False, 1e-5))
+
+
+class CountedKernel:
+    """A Triton kernel that counts its launches, launched as before: kernel[grid](...)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@needs_triton
+def test_a_compiled_model_with_fused_writes_has_the_plain_models_loss_and_gradients(kernel_device, monkeypatch):
+    """--compile=True --fused=True: torch.compile keeps each write as one call of the kernels' operators, in
+    one graph (fullgraph: no break), forward and backward, and in evaluation; compared with the eager plain code,
+    the reference. On the CPU, Inductor compiles the model around the operators, which Triton's interpreter runs."""
+    kernels = {name: CountedKernel(getattr(ddl_kernels, name))
+               for name in ("_forward_kernel", "_backward_kernel", "_update_kernel")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(ddl_kernels, name, kernel)
+    plain = tiny_gpt(residual="delta", d_v=4, n_layer=1).to(kernel_device)
+    fused = tiny_gpt(residual="delta", d_v=4, n_layer=1).to(kernel_device)
+    fused.use_kernels(True)
+    compiled = torch.compile(fused, fullgraph=True)
+    idx = random_tokens().to(kernel_device)
+    losses = []
+    for model in (plain, compiled):
+        losses.append(model(idx, idx)[1])
+        losses[-1].backward()
+    writes = 2 * fused.config.n_layer
+    assert [kernel.launches for kernel in kernels.values()] == [writes, writes, 0]
+    assert torch.allclose(*losses, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3), name
+    plain.eval()
+    fused.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(idx, idx)[1], compiled(idx, idx)[1], atol=1e-5)
+    assert kernels["_update_kernel"].launches == writes
+
+
 @no_gpu
 def test_without_a_gpu_the_plain_path_runs_and_says_so(monkeypatch):
     model = tiny_gpt(residual="delta", d_v=4)

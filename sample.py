@@ -111,12 +111,18 @@ def new_text(tokenizer, ids, shown):
     return "" if text.endswith("\ufffd") else text[len(shown):]
 
 
+def pick_device_for(cfg):
+    """The device to generate on (--device), refusing --compile=True where torch.compile cannot run there."""
+    device = pick_device(cfg.device)
+    if cfg.compile and compile_blocker(device):
+        raise ConfigError(f"--compile=True: {compile_blocker(device)}; use --compile=False")
+    return device
+
+
 def prepare_model(model, cfg, device, dtype):
     """The model on its device, in evaluation mode, its matrix weights stored in the generation's dtype, with the
     fused kernels where they can run (or as --fused says); and whether they run."""
     check_fused(cfg.fused, device, model.config)
-    if cfg.compile and compile_blocker(device):
-        raise ConfigError(f"--compile=True: {compile_blocker(device)}; use --compile=False")
     model = cast_weights(model.to(device).eval(), dtype)
     return model, use_kernels(model, cfg.fused, compiled=cfg.compile)[0]
 
@@ -126,7 +132,7 @@ def sample(cfg, out=None):
     first sample of each batch token by token, the others as soon as they are complete."""
     check(cfg)
     start = read_prompt(cfg.start)
-    device = pick_device(cfg.device)
+    device = pick_device_for(cfg)
     dtype = pick_dtype(cfg.dtype, device)
     path = Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"  # the configurator has expanded a leading ~
     state = load_checkpoint(path)
@@ -192,7 +198,7 @@ def bench(cfg, from_checkpoint):
     check(cfg)
     if cfg.max_new_tokens < 1:
         raise ConfigError("--bench times --max_new_tokens tokens: give 1 or more")
-    device = pick_device(cfg.device)
+    device = pick_device_for(cfg)
     dtype = pick_dtype(cfg.dtype, device)
     if from_checkpoint:
         model = model_from_checkpoint(load_checkpoint(Path(cfg.out_dir) / f"{cfg.checkpoint}.pt"))

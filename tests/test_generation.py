@@ -325,6 +325,15 @@ def test_sample_script_refuses_fused_kernels_where_they_cannot_run_in_one_line(t
     assert last.startswith("error: --fused=True") and "--fused=False" in last and "Traceback" not in result.stderr
 
 
+def test_sample_compile_where_torch_compile_cannot_run_is_one_error_line_before_the_checkpoint_is_read(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "compile_blocker", lambda device: "torch.compile needs a C++ compiler")
+    monkeypatch.setattr(sample, "load_checkpoint", lambda path: pytest.fail("the checkpoint was read"))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, SampleConfig, sample.__doc__, [f"--out_dir={tmp_path}", "--device=cpu", "--compile=True"])
+    assert stop.value.code == "error: --compile=True: torch.compile needs a C++ compiler; use --compile=False"
+
+
 def test_sample_help_and_error_name_tiktokens_files_for_a_gpt2_checkpoint(tmp_path, monkeypatch, capsys):
     model = tiny_gpt(vocab_size=50304)
     save_checkpoint(tmp_path / "best.pt", {"model_args": dataclasses.asdict(model.config), "model": model.state_dict(),

@@ -174,11 +174,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limi
     tokenizer can decode out of the sample. Sample b draws from (seed, first_sample + b). dtype: "float32", or
     the autocast precision ("bfloat16", "float16"; cast_weights makes it faster). use_graph: CUDA graphs for the
     decode step (default: on CUDA). compile: torch.compile the decode step first (with the cache only)."""
-    # under autocast, cache_enabled=False: a captured graph must not read autocast's cached weight copies
-    precision = nullcontext() if dtype == "float32" else torch.autocast(idx.device.type, dtype=getattr(torch, dtype),
-                                                                        cache_enabled=False)
-    yield from tokens(model, idx, max_new_tokens, (temperature, top_k, vocab_limit), seed, first_sample, precision,
+    yield from tokens(model, idx, max_new_tokens, (temperature, top_k, vocab_limit), seed, first_sample,
+                      precision(idx.device.type, dtype),
                       use_cache, idx.device.type == "cuda" if use_graph is None else use_graph, compile)
+
+
+def precision(device_type, dtype):
+    """The context a generation step runs in: none for "float32", else autocast to dtype. cache_enabled=False: a
+    captured CUDA graph must not read autocast's cached weight copies, freed when the context is left."""
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype),
+                                                                   cache_enabled=False)
 
 
 class Fetch:
@@ -199,8 +204,8 @@ class Fetch:
         return self.ids.tolist()
 
 
-def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, precision, use_cache, use_graph, compile):
-    """generate's loop; each step runs inside `precision` (left before each yield, so that none of it leaks
+def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, in_precision, use_cache, use_graph, compile):
+    """generate's loop; each step runs inside `in_precision` (left before each yield, so that none of it leaks
     into the caller's code between tokens). A step's tokens are handed out once the next step is launched."""
     block_size, (B, T), device = model.config.block_size, idx.size(), idx.device
     draws = Draws(seed, first_sample, B, device)
@@ -210,7 +215,7 @@ def tokens(model, idx, max_new_tokens, sampling, seed, first_sample, precision, 
     for n in range(max_new_tokens):
         if n % CHUNK == 0 and n > 0:
             draws.refill()
-        with precision:
+        with in_precision:
             if not use_cache:  # the reference: every token computed from scratch over the whole context
                 logits = model(context)[0][:, -1]                                # (B, vocab)
                 token = pick(logits, *sampling, draws.next())                    # (B, 1)

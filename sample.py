@@ -190,6 +190,29 @@ def finish(prompt, text, streamed, shown, write):
     return prompt + text
 
 
+def timed_generation(model, batch, count, dtype, use_cache, compile=False):
+    """The new tokens of one greedy generation of `count` tokens from a one-token prompt, and the time from its
+    start to each token's arrival. Time one path at a time, never two taking turns: the cached path launches
+    its next step before it hands out a token, and that step's work must not land in the other path's time."""
+    x = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)  # (B, 1)
+    tokens, stamps, t0 = [], [], time.perf_counter()
+    for step in generate(model, x, count, temperature=0, dtype=dtype, use_cache=use_cache, compile=compile):
+        tokens.append(step)
+        stamps.append(time.perf_counter() - t0)
+    return tokens, stamps
+
+
+def rates(batch, stamps, block_size):
+    """The time to the first token, then the rate after it: over every later token, and within block_size."""
+    line = f"first token after {stamps[0] * 1e3:,.1f} ms"
+    if len(stamps) > 1:
+        line += f", then {batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]):,.0f}/s"
+    if len(stamps) >= block_size:  # from the second token to the last that fits the cache without a re-read
+        k = block_size - 1
+        line += f" (tokens 2-{k}: {batch * (k - 1) / (stamps[k - 1] - stamps[0]):,.0f}/s)"
+    return line
+
+
 def bench(cfg, from_checkpoint):
     """Print new tokens per second with and without the KV cache, greedy from a one-token prompt, at batch 1 and
     batch 8 (new tokens of all samples per second): over all of them, and after the first (which carries the
@@ -208,26 +231,7 @@ def bench(cfg, from_checkpoint):
     (model, fused), c, n = prepare_model(model, cfg, device, dtype), model.config, cfg.max_new_tokens
 
     def timed(batch, count, use_cache):
-        """The new tokens of one greedy generation of `count` tokens, and the time from its start to each token's
-        arrival. The paths run one after the other, never taking turns: the cached path launches its next step
-        before it hands out a token, and that step's work must not land in the other path's time."""
-        x = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
-        tokens, stamps, t0 = [], [], time.perf_counter()
-        for step in generate(model, x, count, temperature=0, dtype=dtype, use_cache=use_cache,
-                             compile=cfg.compile and use_cache):
-            tokens.append(step)
-            stamps.append(time.perf_counter() - t0)
-        return tokens, stamps
-
-    def rates(batch, stamps):
-        """The time to the first token, then the rate after it: over every later token, and within block_size."""
-        line = f"first token after {stamps[0] * 1e3:,.1f} ms"
-        if len(stamps) > 1:
-            line += f", then {batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]):,.0f}/s"
-        if len(stamps) >= c.block_size:  # from the second token to the last that fits the cache without a re-read
-            k = c.block_size - 1
-            line += f" (tokens 2-{k}: {batch * (k - 1) / (stamps[k - 1] - stamps[0]):,.0f}/s)"
-        return line
+        return timed_generation(model, batch, count, dtype, use_cache, compile=cfg.compile and use_cache)
 
     before = time.perf_counter()
     first_token = before - STARTED + timed(1, 1, use_cache=True)[1][0]
@@ -239,7 +243,7 @@ def bench(cfg, from_checkpoint):
         speed = [batch * n / t[-1] for t in (t_cached, t_uncached)]
         print(f"  batch {batch}: {n} new tokens, cached {speed[0]:,.0f} tokens/s, uncached {speed[1]:,.0f} "
               f"({speed[0] / speed[1]:.1f}x); same tokens both ways: {cached == uncached}")
-        print(f"    cached: {rates(batch, t_cached)}; uncached: {rates(batch, t_uncached)}")
+        print(f"    cached: {rates(batch, t_cached, c.block_size)}; uncached: {rates(batch, t_uncached, c.block_size)}")
     print(f"  from the script's start to the first new token: {first_token:.2f} s")
 
 

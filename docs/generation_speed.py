@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ddl_gpt import GPT, GPTConfig, KVCache  # noqa: E402
-from generate import Decoder, Draws, cast_weights, generate  # noqa: E402
+from generate import Decoder, Draws, cast_weights, precision  # noqa: E402
+from sample import rates, timed_generation  # noqa: E402
 from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 
 SHAPES = {"baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65),
@@ -52,26 +52,12 @@ def model_for(shape, mode, dtype):
     return cast_weights(model, dtype)
 
 
-def whole(model, batch, dtype, tokens, compile=False):
-    """The times (s) from the start of one generation to each token's arrival on the host."""
-    x = torch.zeros(batch, 1, dtype=torch.long, device="cuda")  # (B, 1)
-    torch.cuda.synchronize()
-    start, stamps = time.perf_counter(), []
-    for _ in generate(model, x, tokens, temperature=0, dtype=dtype, compile=compile):
-        stamps.append(time.perf_counter() - start)
-    return stamps
-
-
-def summary(stamps, batch, block_size):
-    k = min(block_size - 1, len(stamps))
-    return (f"first token {stamps[0] * 1e3:.1f} ms; all {len(stamps)}: {batch * len(stamps) / stamps[-1]:,.0f}/s; "
-            f"after the first: {batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]):,.0f}/s, "
-            f"tokens 2-{k}: {batch * (k - 1) / (stamps[k - 1] - stamps[0]):,.0f}/s")
-
-
-def precision(dtype):
-    return nullcontext() if dtype == "float32" else torch.autocast("cuda", dtype=getattr(torch, dtype),
-                                                                  cache_enabled=False)
+def summary(model, batch, dtype, tokens, compile=False):
+    """One cached generation of `tokens` tokens, as a user waits for it: the rate over all of them, then
+    sample.py --bench's line (the first token, the rate after it, and within block_size)."""
+    stamps = timed_generation(model, batch, tokens, dtype, use_cache=True, compile=compile)[1]
+    overall = batch * len(stamps) / stamps[-1]
+    return f"all {len(stamps)}: {overall:,.0f}/s; {rates(batch, stamps, model.config.block_size)}"
 
 
 def ms_per_call(fn, calls):
@@ -87,7 +73,7 @@ def steps(model, batch, dtype):
     """ms per decode step and per re-read, graph-replayed, each waiting for its tokens; kernels per decode step."""
     decoder = Decoder(model, KVCache(model.config, batch, torch.device("cuda")), Draws(0, 0, batch, "cuda"),
                       (0, None, None), use_graph=True)
-    with precision(dtype):
+    with precision("cuda", dtype):
         decoder.prefill(torch.zeros(batch, 1, dtype=torch.long, device="cuda"))
         decoder.step()                                             # captures the decode step
         decode = ms_per_call(lambda: decoder.step().tolist(), min(200, model.config.block_size - 3))
@@ -105,11 +91,12 @@ def steps(model, batch, dtype):
             for _ in range(10):
                 eager.step()
             torch.cuda.synchronize()
-    kernels = collections.Counter()
+    kernels, count = collections.Counter(), 0          # GPU time (us) per kernel name, and launches, per step
     for event in profile.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name[:60]] += event.device_time / 10
-    return decode, reread, len([e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]) / 10, kernels
+            count += 1
+    return decode, reread, count / 10, kernels
 
 
 def main(argv):
@@ -129,16 +116,16 @@ def main(argv):
             model = model_for(cfg.shape, mode, dtype)
             for batch in batches:
                 if cfg.what == "whole":
-                    whole(model, batch, dtype, cfg.tokens)                       # warm-up
-                    line = summary(whole(model, batch, dtype, cfg.tokens), batch, model.config.block_size)
+                    timed_generation(model, batch, cfg.tokens, dtype, use_cache=True)       # warm-up
+                    line = summary(model, batch, dtype, cfg.tokens)
                 elif cfg.what == "compiled":
                     torch._dynamo.reset()
-                    first = summary(whole(model, batch, dtype, cfg.tokens, compile=True), batch, model.config.block_size)
-                    again = summary(whole(model, batch, dtype, cfg.tokens, compile=True), batch, model.config.block_size)
-                    line = f"first run: {first}\n    again: {again}"
+                    first = summary(model, batch, dtype, cfg.tokens, compile=True)
+                    line = f"first run: {first}\n    again: {summary(model, batch, dtype, cfg.tokens, compile=True)}"
                 else:
                     decode, reread, count, kernels = steps(model, batch, dtype)
-                    line = (f"decode step {decode:.3f} ms ({batch * 1e3 / decode:,.0f} tokens/s), re-read {reread:.3f} ms; "
+                    line = (f"decode step {decode:.3f} ms ({batch * 1e3 / decode:,.0f} tokens/s), "
+                            f"re-read {reread:.3f} ms; "
                             f"{count:.0f} kernels per decode step, {sum(kernels.values()):.0f} us of GPU time:")
                     line += "".join(f"\n      {us:6.1f} us  {name}" for name, us in kernels.most_common(8))
                 print(f"{mode} {dtype} batch {batch}: {line}", flush=True)

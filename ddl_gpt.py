@@ -191,6 +191,12 @@ class DeltaUpdate(nn.Module):
         write = (beta[..., None, None] * k.unsqueeze(-1)) * v.unsqueeze(-2)              # (B, T, d, d_v)
         return (X + (write if self.drop_h else self.drop(write))).to(X.dtype)           # (B, T, d, d_v)
 
+    def write_then_read(self, X, x_in, c, h, read):
+        """This write, then `read` (the next sublayer's Compress) of the new state: (X_new, its reading). One
+        step, so that a fused kernel can read the state while it holds it (GPT.use_kernels)."""
+        X = self(X, x_in, c, h)                                                         # (B, T, d, d_v)
+        return X, read(X)                                                               # (B, T, d)
+
 
 class Compress(nn.Module):
     """Read a d-vector out of the state: per feature i, x[i] = sum_j mix[i, j] * X[i, j] (paper's "CC")."""
@@ -248,30 +254,29 @@ class Block(nn.Module):
         self.update_attn = DeltaUpdate(config) if delta else None
         self.update_mlp = DeltaUpdate(config) if delta else None
 
-    def forward(self, X, cos, sin, cache=None):
-        """Attention, then the MLP; each reads the state, and its output h is written back into it.
-        `cache` (generation only): the KVCache that attention reads earlier positions from and adds to.
+    def forward(self, X, x_in, cos, sin, read_next, cache=None):
+        """Attention, then the MLP; each reads the state, and its output h is written back into it. x_in is the
+        state X as this block's compress reads it; the block returns X and x_in for the next block, read by
+        `read_next` (its Compress, or the final readout). `cache` (generation only): the KVCache that attention
+        reads earlier positions from and adds to.
 
         With residual="add" this is nanoGPT's pre-norm block, x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))
         (pinned by tests/test_model.py::test_additive_mode_is_an_ordinary_pre_norm_gpt). The other modes
         differ in the write alone: the delta rule instead of the sum.
         """
-        x_in = self.compress(X)                             # (B, T, d)  read the state
-        c = self.ln_1(x_in)                                 # (B, T, d)  normalize
-        h = self.attn(c, cos, sin, cache)                   # (B, T, d)  sublayer output
-        if self.residual == "add":
-            X = X + self.drop(h).to(X.dtype).unsqueeze(-1)  # (B, T, d, 1)    x <- x + h
-        else:
-            X = self.update_attn(X, x_in, c, h)             # (B, T, d, d_v)  X <- X + beta k ⊗ (v - kᵀX)
+        c = self.ln_1(x_in)                                                      # (B, T, d)  normalize
+        h = self.attn(c, cos, sin, cache)                                        # (B, T, d)  sublayer output
+        X, x_in = self.write(self.update_attn, X, x_in, c, h, self.compress)     # write, then read again
+        c = self.ln_2(x_in)                                                      # (B, T, d)
+        h = self.mlp(c)                                                          # (B, T, d)
+        return self.write(self.update_mlp, X, x_in, c, h, read_next)             # (B, T, d, d_v), (B, T, d)
 
-        x_in = self.compress(X)                             # (B, T, d)
-        c = self.ln_2(x_in)                                 # (B, T, d)
-        h = self.mlp(c)                                     # (B, T, d)
+    def write(self, update, X, x_in, c, h, read):
+        """Write h into the state, then read the new state for the next sublayer: X (B, T, d, d_v), x (B, T, d)."""
         if self.residual == "add":
-            X = X + self.drop(h).to(X.dtype).unsqueeze(-1)  # (B, T, d, 1)
-        else:
-            X = self.update_mlp(X, x_in, c, h)              # (B, T, d, d_v)
-        return X
+            X = X + self.drop(h).to(X.dtype).unsqueeze(-1)       # (B, T, d, 1)    x <- x + h
+            return X, read(X)                                   # (B, T, d)
+        return update.write_then_read(X, x_in, c, h, read)      # (B, T, d, d_v)  X <- X + beta k ⊗ (v - kᵀX)
 
 
 class KVCache:
@@ -360,14 +365,21 @@ class GPT(nn.Module):
 
     def use_kernels(self, on=True):
         """Run the delta writes through ddl_kernels.py's fused kernels where they can (CUDA with Triton, d_v in
-        1, 2, 4, 8, no dropout on the write while training): each DeltaUpdate's forward is replaced by
-        ddl_kernels.fused_forward, the same equation. on=False puts DeltaUpdate.forward, the reference, back."""
+        1, 2, 4, 8): each DeltaUpdate's forward is replaced by
+        ddl_kernels.fused_forward, the same equation, and its write_then_read by one that reads the new state in
+        the same kernel. on=False puts DeltaUpdate's own methods, the reference, back."""
+        replacements = dict(forward=ddl_kernels.fused_forward, write_then_read=ddl_kernels.fused_write_then_read)
         for module in self.modules():
             if isinstance(module, DeltaUpdate):
-                if on:
-                    module.forward = types.MethodType(ddl_kernels.fused_forward, module)
-                else:
-                    module.__dict__.pop("forward", None)
+                for name, fused in replacements.items():
+                    if on:
+                        setattr(module, name, types.MethodType(fused, module))
+                    else:
+                        module.__dict__.pop(name, None)
+
+    def reads_after(self):
+        """The read after each block: the next block's Compress, and after the last block the readout."""
+        return [block.compress for block in self.transformer.h[1:]] + [self.transformer.readout]
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -379,9 +391,10 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]   # (T, hd)
         state_dtype = getattr(torch, self.config.state_dtype)
         X = self.transformer.expand(self.transformer.wte(idx)).to(state_dtype)  # (B, T, d, d_v)
-        for block in self.transformer.h:
-            X = block(X, cos, sin)                         # (B, T, d, d_v)
-        x = self.transformer.ln_f(self.transformer.readout(X))  # (B, T, d)
+        x = self.transformer.h[0].compress(X)             # (B, T, d): the first block's reading of the state
+        for block, read_next in zip(self.transformer.h, self.reads_after()):
+            X, x = block(X, x, cos, sin, read_next)        # (B, T, d, d_v), (B, T, d)
+        x = self.transformer.ln_f(x)                      # (B, T, d): the readout's reading, normalized
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None     # (B, 1, vocab): only what generation needs
         logits = self.lm_head(x)                          # (B, T, vocab), bf16 under autocast
@@ -418,13 +431,14 @@ class GPT(nn.Module):
         e = self.transformer.wte(idx)                                     # (B, T, d)
         cache.tail.copy_(F.pad(e, (0, 0, Expand.taps - 1, 0))[:, -(Expand.taps - 1):])  # (B, taps - 1, d)
         X = self.transformer.expand(e).to(getattr(torch, self.config.state_dtype))  # (B, T, d, d_v)
+        x = self.transformer.h[0].compress(X)                             # (B, T, d)
         cache.prefilling = True
-        for block in self.transformer.h:
-            X = block(X, self.rope_cos[:T], self.rope_sin[:T], cache)     # (B, T, d, d_v)
+        for block, read_next in zip(self.transformer.h, self.reads_after()):
+            X, x = block(X, x, self.rope_cos[:T], self.rope_sin[:T], read_next, cache)  # (B, T, d, d_v), (B, T, d)
         cache.prefilling = False
         cache.pos.fill_(T)
         cache.length = T
-        x = self.transformer.ln_f(self.transformer.readout(X[:, -1:]))    # (B, 1, d)
+        x = self.transformer.ln_f(x[:, -1:])                              # (B, 1, d)
         return self.lm_head(x)[:, 0].float()                              # (B, vocab)
 
     @torch.no_grad()
@@ -440,10 +454,11 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[cache.pos], self.rope_sin[cache.pos]     # (1, hd)
         if cache.fixed_shapes:
             cache.filled = (cache.slots <= cache.pos).view(1, 1, 1, -1)   # (1, 1, 1, block_size)
-        for block in self.transformer.h:
-            X = block(X, cos, sin, cache)                                 # (B, 1, d, d_v)
+        x = self.transformer.h[0].compress(X)                             # (B, 1, d)
+        for block, read_next in zip(self.transformer.h, self.reads_after()):
+            X, x = block(X, x, cos, sin, read_next, cache)                # (B, 1, d, d_v), (B, 1, d)
         cache.pos.add_(1)
-        x = self.transformer.ln_f(self.transformer.readout(X))            # (B, 1, d)
+        x = self.transformer.ln_f(x)                                      # (B, 1, d)
         return self.lm_head(x)[:, 0].float()                              # (B, vocab)
 
 
@@ -463,7 +478,7 @@ def gate_statistics(model, idx):
         gates[update] = (beta.mean().item(), beta.std().item(), (v - reading).abs().mean().item())
 
     def on_block(block, args, output):
-        state_rms.append(output.float().pow(2).mean().sqrt().item())
+        state_rms.append(output[0].float().pow(2).mean().sqrt().item())
 
     hooks = [block.register_forward_hook(on_block) for block in model.transformer.h]
     hooks += [m.register_forward_hook(on_update) for m in model.modules() if isinstance(m, DeltaUpdate)]

@@ -5,10 +5,14 @@ A fused GPU kernel for the delta write, the one operation where DDL differs from
 
 `DeltaUpdate.forward` in ddl_gpt.py is the reference; this file computes the same thing with one read and
 one write of the state per token, forward and backward, instead of the several passes that separate
-PyTorch operations make when nothing fuses them (no torch.compile). Generation (no autograd) uses
-`delta_update`, which also computes the gate beta and the value v inside the kernel: one launch per write
-where the plain code makes a dozen. `GPT.use_kernels` switches both in by replacing each DeltaUpdate's
-forward with `fused_forward`; DeltaUpdate.forward itself stays the equation.
+PyTorch operations make when nothing fuses them (no torch.compile). Two more things ride along:
+- the next read (d_v > 1): the sublayer after a write reads the new state through a Compress,
+  x = sum_j mix[:, j] X_new[:, j]. The kernel has X_new in registers, so it computes x too and saves a pass
+  over the state, forward and backward (`delta_write_read`, what DeltaUpdate.write_then_read computes);
+- dropout on the write, with a mask drawn in the kernel from a seed that the backward draws again.
+Generation (no autograd) uses `delta_update`, which also computes the gate beta and the value v inside the
+kernel: one launch per write where the plain code makes a dozen. `GPT.use_kernels` switches them in by
+replacing each DeltaUpdate's forward and write_then_read; DeltaUpdate's own methods stay the equation.
 
 Each kernel is a PyTorch operator (torch.library): ddl::delta_write with its backward
 ddl::delta_write_backward, and ddl::delta_update. torch.compile keeps an operator as one opaque call in
@@ -20,11 +24,15 @@ train.py's default runs the kernels only where it does not compile; --fused=True
 It runs only on CUDA, where Triton comes with PyTorch, and only for d_v in (1, 2, 4, 8); everywhere
 else ddl_gpt.py runs its plain PyTorch code. tests/test_kernels.py checks values and gradients against it.
 
-The backward, for one token, with g = dL/dX_new and e = v - kᵀX:
-    u = kᵀg (d_v);  dL/dv = beta u;  dL/dbeta = e·u;  dL/dX = g - beta k ⊗ u
-    dL/dk = beta g e - beta X u;  dL/dh = (dL/dk - k (k·dL/dk)) / sqrt(|h|^2 + eps^2)
+The backward, for one token, with g = dL/dX_new (plus g_read ⊗ mix when the read is fused), e = v - kᵀX,
+and g_w = g where the write was kept, 0 where dropped, over 1 - p:
+    u = kᵀg_w (d_v);  dL/dv = beta u;  dL/dbeta = e·u;  dL/dX = g - beta k ⊗ u
+    dL/dk = beta g_w e - beta X u;  dL/dh = (dL/dk - k (k·dL/dk)) / sqrt(|h|^2 + eps^2)
+    dL/dmix = sum over tokens of g_read ⊗ X_new
 (residual="write" has e = v and drops both "- beta ... u" terms.)
 """
+
+from typing import Optional
 
 import torch
 
@@ -43,10 +51,9 @@ def available(X):
 if triton is not None:
 
     @triton.jit
-    def _state_and_direction(X, H, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, eps2):
-        """This program's token n: its state x (BLOCK_D, DV) and direction k = h / sqrt(|h|^2 + eps^2), in fp32, with
-        1/sqrt(...) and the offsets and mask of its state. BLOCK_D is the width padded to a power of two, masked off."""
-        n = tl.program_id(0).to(tl.int64)
+    def _state_and_direction(X, H, n, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, eps2):
+        """Token n's state x (BLOCK_D, DV) and direction k = h / sqrt(|h|^2 + eps^2), in fp32, with 1/sqrt(...) and
+        the offsets and mask of its state. BLOCK_D is the width padded to a power of two, masked off."""
         d = tl.arange(0, BLOCK_D)                                 # (BLOCK_D,)
         j = tl.arange(0, DV)                                      # (DV,)
         offs = n * D * DV + d[:, None] * DV + j[None, :]          # (BLOCK_D, DV)
@@ -54,7 +61,7 @@ if triton is not None:
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         h = tl.load(H + n * D + d, mask=d < D, other=0.0).to(tl.float32)
         rinv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
-        return n, d, j, offs, mask, x, h * rinv, rinv
+        return d, j, offs, mask, x, h * rinv, rinv
 
     @triton.jit
     def _error(x, k, v, ERASE: tl.constexpr):
@@ -66,44 +73,90 @@ if triton is not None:
         return e
 
     @triton.jit
-    def _load_token(X, H, BETA, V, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, eps2):
+    def _load_token(X, H, BETA, V, n, D, DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, eps2):
         """_state_and_direction's values, and the token's gate beta and e = v - kᵀx from the given beta and v."""
-        n, d, j, offs, mask, x, k, rinv = _state_and_direction(X, H, D, DV, BLOCK_D, eps2)
+        d, j, offs, mask, x, k, rinv = _state_and_direction(X, H, n, D, DV, BLOCK_D, eps2)
         beta = tl.load(BETA + n)
         e = _error(x, k, tl.load(V + n * DV + j), ERASE)          # (DV,)
-        return n, d, j, offs, mask, x, k, rinv, beta, e
+        return d, j, offs, mask, x, k, rinv, beta, e
 
     @triton.jit
-    def _forward_kernel(X, H, BETA, V, X_OUT, D, eps2,
-                        DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr):
-        n, d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, D, DV, BLOCK_D, ERASE, eps2)
-        x_new = x + (beta * k)[:, None] * e[None, :]
-        tl.store(X_OUT + offs, x_new.to(X_OUT.dtype.element_ty), mask=mask)
+    def _kept(SEED, offs, p):
+        """Dropout's mask of the write: True where an element is kept, each with probability 1 - p. The same seed
+        and offsets give the same mask, so the backward kernel draws the forward's mask again."""
+        return tl.rand(tl.load(SEED).to(tl.uint32), offs.to(tl.uint32)) >= p
 
     @triton.jit
-    def _backward_kernel(X, H, BETA, V, G, DX, DH, DBETA, DV_OUT, D, eps2,
-                         DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr):
-        n, d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, D, DV, BLOCK_D, ERASE, eps2)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.sum(k[:, None] * g, axis=0)                        # (DV,)
-        dk = beta * tl.sum(g * e[None, :], axis=1)                # (BLOCK_D,)
-        if ERASE:
-            dx = g - (beta * k)[:, None] * u[None, :]
-            dk -= beta * tl.sum(x * u[None, :], axis=1)
-        else:
-            dx = g
-        dh = rinv * (dk - k * tl.sum(k * dk, axis=0))
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DH + n * D + d, dh.to(DH.dtype.element_ty), mask=d < D)
-        tl.store(DBETA + n, tl.sum(e * u, axis=0))
-        tl.store(DV_OUT + n * DV + j, beta * u)
+    def _forward_kernel(X, H, BETA, V, MIX, SEED, X_OUT, READ_OUT, D, eps2, p,
+                        DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, READ: tl.constexpr,
+                        DROP: tl.constexpr):
+        """One token's write X_new = X + beta k ⊗ e (dropped out if DROP), and with READ the next sublayer's read
+        of the stored X_new, x = sum_j mix[:, j] X_new[:, j] (Compress), while X_new is still in registers."""
+        n = tl.program_id(0).to(tl.int64)
+        d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, n, D, DV, BLOCK_D, ERASE, eps2)
+        write = (beta * k)[:, None] * e[None, :]                  # (BLOCK_D, DV)
+        if DROP:
+            write = tl.where(_kept(SEED, offs, p), write / (1.0 - p), 0.0)
+        x_new = (x + write).to(X_OUT.dtype.element_ty)            # (BLOCK_D, DV), in the state's storage
+        tl.store(X_OUT + offs, x_new, mask=mask)
+        if READ:
+            mix = tl.load(MIX + d[:, None] * DV + j[None, :], mask=mask, other=0.0)          # (BLOCK_D, DV)
+            tl.store(READ_OUT + n * D + d, tl.sum(x_new.to(tl.float32) * mix, axis=1), mask=d < D)
+
+    @triton.jit
+    def _backward_kernel(X, H, BETA, V, MIX, SEED, G, G_READ, DX, DH, DBETA, DV_OUT, DMIX, N, D, eps2, p,
+                         DV: tl.constexpr, BLOCK_D: tl.constexpr, ERASE: tl.constexpr, READ: tl.constexpr,
+                         DROP: tl.constexpr, TOKENS: tl.constexpr):
+        """The gradients of _forward_kernel for TOKENS tokens in a row. With READ, the gradient reaching X_new is
+        g + g_read ⊗ mix, and the mix's gradient sum_tokens g_read ⊗ X_new is summed here over this program's
+        tokens (DMIX holds one (D, DV) sum per program; the caller adds them up). The last program's tokens past
+        the end repeat the last token, whose results they store again unchanged, and add nothing to the sum."""
+        dmix = tl.zeros((BLOCK_D, DV), dtype=tl.float32)          # (BLOCK_D, DV)
+        for t in range(TOKENS):
+            n = tl.program_id(0).to(tl.int64) * TOKENS + t
+            valid = n < N
+            n = tl.minimum(n, N - 1)
+            d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, n, D, DV, BLOCK_D, ERASE, eps2)
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)               # (BLOCK_D, DV)
+            if READ:
+                mix = tl.load(MIX + d[:, None] * DV + j[None, :], mask=mask, other=0.0)
+                g_read = tl.load(G_READ + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+                g += g_read[:, None] * mix
+            g_write = g                                           # (BLOCK_D, DV): the gradient of the write
+            if DROP:
+                kept = _kept(SEED, offs, p)
+                g_write = tl.where(kept, g / (1.0 - p), 0.0)
+            u = tl.sum(k[:, None] * g_write, axis=0)              # (DV,)
+            dk = beta * tl.sum(g_write * e[None, :], axis=1)      # (BLOCK_D,)
+            if ERASE:
+                dx = g - (beta * k)[:, None] * u[None, :]
+                dk -= beta * tl.sum(x * u[None, :], axis=1)
+            else:
+                dx = g
+            dh = rinv * (dk - k * tl.sum(k * dk, axis=0))
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DH + n * D + d, dh.to(DH.dtype.element_ty), mask=d < D)
+            tl.store(DBETA + n, tl.sum(e * u, axis=0))
+            tl.store(DV_OUT + n * DV + j, beta * u)
+            if READ:
+                write = (beta * k)[:, None] * e[None, :]
+                if DROP:
+                    write = tl.where(kept, write / (1.0 - p), 0.0)
+                x_new = (x + write).to(X.dtype.element_ty).to(tl.float32)            # X_new as the forward stored it
+                dmix += tl.where(valid, g_read, 0.0)[:, None] * x_new
+        if READ:
+            pid = tl.program_id(0).to(tl.int64)
+            d = tl.arange(0, BLOCK_D)
+            j = tl.arange(0, DV)
+            tl.store(DMIX + pid * D * DV + d[:, None] * DV + j[None, :], dmix, mask=(d < D)[:, None])
 
     @triton.jit
     def _update_kernel(X, X_IN, C, H, W_B, B_B, W_V, B_V, X_OUT, D, eps2, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                        ERASE: tl.constexpr, LINEAR_VALUE: tl.constexpr):
         """The whole update of one token, its gate and value included: what generation runs, one launch per
         sublayer instead of the dozen small ones of the plain code (no autograd)."""
-        n, d, j, offs, mask, x, k, rinv = _state_and_direction(X, H, D, DV, BLOCK_D, eps2)
+        n = tl.program_id(0).to(tl.int64)
+        d, j, offs, mask, x, k, rinv = _state_and_direction(X, H, n, D, DV, BLOCK_D, eps2)
         c = tl.load(C + n * D + d, mask=d < D, other=0.0).to(tl.float32)
         w_b = tl.load(W_B + d, mask=d < D, other=0.0).to(tl.float32)
         beta = 2.0 * tl.sigmoid(tl.sum(c * w_b, axis=0) + tl.load(B_B).to(tl.float32))
@@ -125,58 +178,94 @@ def _launch(D, DV):
     return dict(BLOCK_D=block_d, num_warps=min(16, max(4, block_d * DV // 256)))
 
 
+TOKENS_PER_PROGRAM = 16  # the backward's tokens per program when it sums the read's mix gradient over tokens
+
+
 @torch.library.custom_op("ddl::delta_write", mutates_args=())
-def _delta_write(X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.Tensor, erase: bool, eps: float
-                 ) -> torch.Tensor:
+def _delta_write(X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.Tensor, mix: Optional[torch.Tensor],
+                 seed: Optional[torch.Tensor], p: float, erase: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """X_new (B, T, d, d_v) from X (B, T, d, d_v), h (B, T, d), beta (B, T) and v (B, T, d_v) in fp32; one program
-    per token. An operator of its own, so that torch.compile keeps it as one call in the graph it compiles."""
+    per token. With a mix (d, d_v), also the next read of X_new (B, T, d), else an empty tensor in its place. With
+    p > 0, dropout on the write, its mask drawn from seed (1,). An operator of its own, so that torch.compile keeps
+    it as one call in the graph it compiles."""
     X, h, beta, v = X.contiguous(), h.contiguous(), beta.contiguous(), v.contiguous()
+    mix = mix.contiguous() if mix is not None else None
     B, T, D, DV = X.shape
     X_new = torch.empty_like(X)                                       # (B, T, d, d_v)
-    _forward_kernel[(B * T,)](X, h, beta, v, X_new, D, eps * eps, DV=DV, ERASE=erase, **_launch(D, DV))
-    return X_new
+    read = X.new_empty((B, T, D) if mix is not None else (0,), dtype=torch.float32)  # (B, T, d) or (0,)
+    _forward_kernel[(B * T,)](X, h, beta, v, mix if mix is not None else v, seed if p > 0 else beta, X_new, read, D,
+                              eps * eps, p, DV=DV, ERASE=erase, READ=mix is not None, DROP=p > 0, **_launch(D, DV))
+    return X_new, read
 
 
 @torch.library.custom_op("ddl::delta_write_backward", mutates_args=())
-def _delta_write_backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.Tensor,
-                          erase: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dX, dh, dbeta, dv of ddl::delta_write from g = dL/dX_new (B, T, d, d_v): the equations at the top."""
+def _delta_write_backward(g: torch.Tensor, g_read: Optional[torch.Tensor], X: torch.Tensor, h: torch.Tensor,
+                          beta: torch.Tensor, v: torch.Tensor, mix: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                          p: float, erase: bool, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dX, dh, dbeta, dv and dmix (an empty tensor without a mix) of ddl::delta_write, from g = dL/dX_new
+    (B, T, d, d_v) and g_read = dL/dread (B, T, d): the equations at the top."""
     g, X, h, beta, v = g.contiguous(), X.contiguous(), h.contiguous(), beta.contiguous(), v.contiguous()
     B, T, D, DV = X.shape
+    read = mix is not None
+    if read:
+        g_read = torch.zeros(B, T, D, device=X.device) if g_read is None else g_read.contiguous()  # (B, T, d)
+    tokens = TOKENS_PER_PROGRAM if read else 1
+    programs = triton.cdiv(B * T, tokens)
     dX, dh = torch.empty_like(X), torch.empty_like(h)                  # (B, T, d, d_v), (B, T, d)
     dbeta, dv = torch.empty_like(beta), torch.empty_like(v)            # (B, T), (B, T, d_v)
-    _backward_kernel[(B * T,)](X, h, beta, v, g, dX, dh, dbeta, dv, D, eps * eps, DV=DV, ERASE=erase,
-                               **_launch(D, DV))
-    return dX, dh, dbeta, dv
+    dmix = X.new_empty((programs, D, DV) if read else (0,), dtype=torch.float32)  # (programs, d, d_v) or (0,)
+    _backward_kernel[(programs,)](X, h, beta, v, mix if read else v, seed if p > 0 else beta, g,
+                                  g_read if read else g, dX, dh, dbeta, dv, dmix, B * T, D, eps * eps, p,
+                                  DV=DV, ERASE=erase, READ=read, DROP=p > 0, TOKENS=tokens, **_launch(D, DV))
+    return dX, dh, dbeta, dv, dmix.sum(0) if read else dmix
 
 
 # What torch.compile traces in place of the kernels: outputs of the right shape, dtype and (contiguous) layout.
 @_delta_write.register_fake
-def _(X, h, beta, v, erase, eps):
-    return torch.empty_like(X, memory_format=torch.contiguous_format)                        # (B, T, d, d_v)
+def _(X, h, beta, v, mix, seed, p, erase, eps):
+    B, T, D, _ = X.shape
+    return (torch.empty_like(X, memory_format=torch.contiguous_format),                     # (B, T, d, d_v)
+            X.new_empty((B, T, D) if mix is not None else (0,), dtype=torch.float32))       # (B, T, d) or (0,)
 
 
 @_delta_write_backward.register_fake
-def _(g, X, h, beta, v, erase, eps):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (X, h, beta, v))
+def _(g, g_read, X, h, beta, v, mix, seed, p, erase, eps):
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (X, h, beta, v))
+    return *grads, (torch.empty_like(mix, dtype=torch.float32) if mix is not None else X.new_empty((0,)))
 
 
 def _save_inputs(ctx, inputs, output):
-    X, h, beta, v, ctx.erase, ctx.eps = inputs
-    ctx.save_for_backward(X, h, beta, v)
+    X, h, beta, v, mix, seed, ctx.p, ctx.erase, ctx.eps = inputs
+    ctx.save_for_backward(X, h, beta, v, mix, seed)
 
 
-def _backward(ctx, g):
-    return *_delta_write_backward(g, *ctx.saved_tensors, ctx.erase, ctx.eps), None, None
+def _backward(ctx, g, g_read):
+    X, h, beta, v, mix, seed = ctx.saved_tensors
+    dX, dh, dbeta, dv, dmix = _delta_write_backward(g, g_read if mix is not None else None, X, h, beta, v, mix,
+                                                    seed, ctx.p, ctx.erase, ctx.eps)
+    return dX, dh, dbeta, dv, dmix if mix is not None else None, None, None, None, None
 
 
 _delta_write.register_autograd(_backward, setup_context=_save_inputs)
 
 
-def delta_write(X, h, beta, v, erase=True, eps=1e-5):
-    """X + beta * k ⊗ (v - kᵀX) with k = h / sqrt(|h|^2 + eps^2), fused: (B, T, d, d_v). beta (B, T) and v (B, T, d_v)
-    enter the kernel in fp32, their gradients leave it so (autograd casts them back to the inputs' dtype)."""
-    return _delta_write(X, h, beta.float(), v.float(), erase, eps)
+def _seed(X, p):
+    """dropout's seed for one write, from PyTorch's generator (so torch.manual_seed and CUDA graphs govern it)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=X.device) if p > 0 else None
+
+
+def delta_write(X, h, beta, v, erase=True, eps=1e-5, p=0.0):
+    """X + beta * k ⊗ (v - kᵀX) with k = h / sqrt(|h|^2 + eps^2), fused: (B, T, d, d_v), the write dropped out
+    with probability p. beta (B, T) and v (B, T, d_v) enter the kernel in fp32, their gradients leave it so
+    (autograd casts them back to the inputs' dtype)."""
+    return _delta_write(X, h, beta.float(), v.float(), None, _seed(X, p), p, erase, eps)[0]
+
+
+def delta_write_read(X, h, beta, v, mix, erase=True, eps=1e-5, p=0.0):
+    """delta_write's X_new (B, T, d, d_v) and the next sublayer's read of it, sum_j mix[:, j] X_new[..., j]
+    (B, T, d), in one pass over the state: what Block.write computes in two."""
+    return _delta_write(X, h, beta.float(), v.float(), mix, _seed(X, p), p, erase, eps)
 
 
 @torch.library.custom_op("ddl::delta_update", mutates_args=())
@@ -205,15 +294,31 @@ def delta_update(update, X, x_in, c, h, eps=1e-5):
                          update.value_proj.bias, update.erase, update.linear_value, eps)
 
 
+def _write_dropout(update):
+    """The dropout probability on the whole write while training (0 otherwise: evaluation, or dropout on h)."""
+    return update.drop.p if update.training and not update.drop_h else 0.0
+
+
 def fused_forward(update, X, x_in, c, h):
     """What replaces DeltaUpdate.forward when the kernels are on (GPT.use_kernels): the same equation through
-    the kernels above where they can run, else the plain code. Training with dropout on the whole write keeps
-    the plain code (the kernel has no dropout)."""
-    plain = type(update).forward
-    if not available(X) or (update.training and update.drop.p > 0 and not update.drop_h):
-        return plain(update, X, x_in, c, h)
+    the kernels above where they can run, else the plain code. The kernels draw their own dropout masks."""
+    if not available(X):
+        return type(update).forward(update, X, x_in, c, h)
     if update.drop_h:
         h = update.drop(h)                                            # (B, T, d)
-    if not torch.is_grad_enabled():
+    p = _write_dropout(update)
+    if not torch.is_grad_enabled() and p == 0:
         return delta_update(update, X, x_in, c, h)                     # (B, T, d, d_v)
-    return delta_write(X, h, *update.gate_and_value(x_in, c), erase=update.erase)  # (B, T, d, d_v)
+    return delta_write(X, h, *update.gate_and_value(x_in, c), erase=update.erase, p=p)  # (B, T, d, d_v)
+
+
+def fused_write_then_read(update, X, x_in, c, h, read):
+    """What replaces DeltaUpdate.write_then_read when the kernels are on: while gradients are recorded and the
+    state has d_v > 1, the write and the read of `read` (a Compress) in one kernel; otherwise the two steps."""
+    if read.mix is None or not available(X) or not torch.is_grad_enabled():
+        X = update(X, x_in, c, h)                                     # (B, T, d, d_v)
+        return X, read(X)                                             # (B, T, d, d_v), (B, T, d)
+    if update.drop_h:
+        h = update.drop(h)                                            # (B, T, d)
+    return delta_write_read(X, h, *update.gate_and_value(x_in, c), read.mix, erase=update.erase,
+                            p=_write_dropout(update))                 # (B, T, d, d_v), (B, T, d)

@@ -95,6 +95,4 @@ def use_kernels(model, fused, compiled):
     if not on:
         why = blocker if blocker and fused is None else "fused by torch.compile" if compiled else ""
         return False, "delta writes: plain PyTorch (ddl_gpt.py)" + (f"; {why}" if why else "")
-    partly = model.config.dropout > 0 and model.config.dropout_at == "write"
-    return True, "delta writes: fused Triton kernel (ddl_kernels.py)" + (
-        "; in evaluation only, since training drops elements of the write (dropout)" if partly else "")
+    return True, "delta writes: fused Triton kernel (ddl_kernels.py)"

@@ -166,7 +166,7 @@ def test_every_generation_path_keeps_the_state_in_its_state_dtype(mode, dtype):
     seen = []
     for block in model.transformer.h:
         block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
-        block.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+        block.register_forward_hook(lambda module, args, output: seen.append(output[0].dtype))
     cached = cached_logits(model, idx, 4)                # prefill and decode_step
     assert len(seen) == 2 * model.config.n_layer * 7 and set(seen) == {torch.bfloat16}
     seen.clear()

@@ -14,7 +14,7 @@ import torch
 
 import ddl_kernels
 from conftest import random_tokens, tiny_gpt
-from ddl_gpt import DeltaUpdate, GPTConfig
+from ddl_gpt import Compress, DeltaUpdate, GPTConfig
 from support.speed import use_kernels
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -99,6 +99,99 @@ def test_fused_write_equals_the_plain_write_in_values_and_gradients(kernel_devic
             assert (a.float() - b.float()).abs().max().item() <= (2**-7 if bf16 else 1e-5) * scale, grad_name
 
 
+def run_write_then_read(update, read, inputs, fused, seed=1):
+    """X_new and the read of it, and the gradients of a random projection of both, for the inputs and the
+    parameters of the update and of the read."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    step = ddl_kernels.fused_write_then_read if fused else DeltaUpdate.write_then_read
+    X_new, x = step(update, *inputs, read)
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=generator).to(t.device) for t in (X_new, x)]
+    ((X_new.float() * weights[0]).sum() + (x * weights[1]).sum()).backward()
+    parameters = list(update.parameters()) + list(read.parameters())
+    grads = [t.grad for t in inputs] + [p.grad for p in parameters]
+    for p in parameters:
+        p.grad = None
+    return X_new, x, grads
+
+
+READ_WRITES = {name: spec for name, spec in WRITES.items() if spec["d_v"] > 1}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", READ_WRITES)
+def test_the_write_and_the_next_read_in_one_kernel_equal_the_plain_write_then_compress(kernel_device, name,
+                                                                                      monkeypatch):
+    """d_v > 1: ddl_kernels.fused_write_then_read computes X_new and the next sublayer's Compress read of it in
+    one kernel, and its gradients (the mix's summed over tokens by the backward kernel, over more tokens than one
+    program takes); the same values as DeltaUpdate.write_then_read, the write then Compress.forward."""
+    config = GPTConfig(n_embd=48, n_head=2, **READ_WRITES[name])
+    update, inputs = update_inputs(config, kernel_device, T=ddl_kernels.TOKENS_PER_PROGRAM + 3)
+    read = Compress(config).to(kernel_device)
+    with torch.no_grad():
+        read.mix.normal_(0.0, 0.5)
+    X_plain, x_plain, plain_grads = run_write_then_read(update, read, inputs, fused=False)
+    calls = []
+    kernel = ddl_kernels.delta_write_read
+    monkeypatch.setattr(ddl_kernels, "delta_write_read", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    X_fused, x_fused, fused_grads = run_write_then_read(update, read, inputs, fused=True)
+    assert calls == [1]
+    assert X_fused.dtype == X_plain.dtype == inputs[0].dtype and x_fused.dtype == x_plain.dtype == torch.float32
+    bf16 = config.state_dtype == "bfloat16"
+    tolerance = 2**-7 if bf16 else 1e-5
+    assert torch.allclose(X_fused.float(), X_plain.float(), rtol=tolerance, atol=1e-5)
+    with torch.no_grad():                                              # the read is of the X_new stored
+        assert torch.allclose(x_fused, read(X_fused), rtol=1e-5, atol=1e-5)
+    assert bf16 or torch.allclose(x_fused, x_plain, rtol=1e-5, atol=1e-5)
+    names = ["X", "x_in", "c", "h"] + [n for n, _ in update.named_parameters()] + ["mix"]
+    assert fused_grads[-1] is not None and fused_grads[-1].abs().max() > 0
+    # bf16 state: the plain code rounds the read's gradient to bf16 before adding it to the state's, where the
+    # kernel adds the two in fp32; sums over every token (the gate's bias) then differ by a few bf16 steps
+    grad_tolerance = 2**-5 if bf16 else 1e-5
+    for grad_name, a, b in zip(names, fused_grads, plain_grads):
+        assert (a is None) == (b is None), grad_name
+        if a is not None:
+            scale = max(b.float().abs().max().item(), 1.0)
+            assert (a.float() - b.float()).abs().max().item() <= grad_tolerance * scale, grad_name
+
+
+@needs_triton
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_the_kernels_dropout_drops_whole_elements_of_the_write_and_its_backward_uses_the_same_mask(kernel_device,
+                                                                                                  d_v):
+    """With dropout p on the write, an element of the state either stays as it was (dropped) or moves by the
+    write / (1 - p); about 1 - p of them move; and the gradients are those of the plain write with that mask.
+    Two calls draw two masks, and torch.manual_seed makes them again."""
+    p = 0.3
+    config = GPTConfig(n_embd=48, n_head=2, residual="delta", d_v=d_v, dropout=p)
+    update, inputs = update_inputs(config, kernel_device, T=40)
+    update.train()
+    read = Compress(config).to(kernel_device)
+    torch.manual_seed(5)
+    X_new, x, fused_grads = run_write_then_read(update, read, inputs, fused=True)
+    kept = X_new != inputs[0]                                         # (B, T, d, d_v): where the write landed
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.03
+    torch.manual_seed(5)
+    assert torch.equal(run_write_then_read(update, read, inputs, fused=True)[0], X_new)
+    assert not torch.equal(run_write_then_read(update, read, inputs, fused=True)[0], X_new)
+
+    class MaskedUpdate(DeltaUpdate):
+        def forward(self, X, x_in, c, h):                              # the plain write with the kernel's mask
+            k, beta, v = self.coefficients(x_in, c, h)
+            e = v - (k.unsqueeze(-1) * X).sum(dim=2)                   # (B, T, d_v)
+            return X + (beta[..., None, None] * k.unsqueeze(-1)) * e.unsqueeze(-2) * kept / (1 - p)
+
+    masked = MaskedUpdate(config).to(kernel_device)
+    masked.load_state_dict(update.state_dict())
+    X_plain, x_plain, plain_grads = run_write_then_read(masked, read, inputs, fused=False)
+    torch.testing.assert_close(X_new, X_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x, x_plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, plain_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize("name", WRITES)
 def test_the_inference_kernel_equals_the_plain_write_under_no_grad_in_eval_mode(kernel_device, name, monkeypatch):
@@ -143,17 +236,25 @@ def test_a_model_with_fused_writes_has_the_plain_models_loss_and_gradients(kerne
 
 @needs_triton
 def test_the_kernels_are_operators_that_pass_torch_librarys_checks(kernel_device):
-    """ddl::delta_write, its backward and ddl::delta_update as torch.compile sees them: opcheck's default checks
+    """ddl::delta_write (alone, with the next read, with dropout), its backward and ddl::delta_update as
+    torch.compile sees them: opcheck's default checks
     (the schema, the autograd registration, the fakes' shapes against the kernels' outputs, and the operators
     traced by AOTAutograd with dynamic shapes, gradients included, against the same calls run eagerly)."""
     B, T, d, d_v = 2, 3, 48, 4
     X, g = torch.randn(B, T, d, d_v, device=kernel_device), torch.randn(B, T, d, d_v, device=kernel_device)
     h, x_in, c = (torch.randn(B, T, d, device=kernel_device) for _ in range(3))
     beta, v = torch.rand(B, T, device=kernel_device), torch.randn(B, T, d_v, device=kernel_device)
+    mix, g_read = torch.randn(d, d_v, device=kernel_device), torch.randn(B, T, d, device=kernel_device)
+    seed = torch.tensor([1234], device=kernel_device)
     graded = [t.clone().requires_grad_() for t in (X, h, beta, v)]
-    for erase in (True, False):
-        torch.library.opcheck(torch.ops.ddl.delta_write.default, (*graded, erase, 1e-5))
-        torch.library.opcheck(torch.ops.ddl.delta_write_backward.default, (g, X, h, beta, v, erase, 1e-5))
+    for erase, read, p in ((True, False, 0.0), (False, False, 0.0), (True, True, 0.0), (True, True, 0.25)):
+        mix_graded = mix.clone().requires_grad_() if read else None
+        seed_or_none = seed if p > 0 else None
+        torch.library.opcheck(torch.ops.ddl.delta_write.default,
+                              (*graded, mix_graded, seed_or_none, p, erase, 1e-5))
+        torch.library.opcheck(torch.ops.ddl.delta_write_backward.default,
+                              (g, g_read if read else None, X, h, beta, v, mix if read else None, seed_or_none, p,
+                               erase, 1e-5))
     update, _ = update_inputs(GPTConfig(n_embd=d, n_head=2, d_v=d_v), kernel_device)
     parameters = [p.detach() for p in (update.gate_weight, update.gate_bias, update.value_proj.weight,
                                         update.value_proj.bias)]
@@ -214,20 +315,26 @@ def test_without_a_gpu_the_plain_path_runs_and_says_so(monkeypatch):
         model.eval()(idx)
 
 
-def test_the_kernel_stays_off_while_dropout_acts_on_the_write(monkeypatch):
-    """Training with dropout on the write needs the plain code (the kernel has no dropout); evaluation not."""
+def test_with_dropout_on_the_write_training_runs_the_kernel_and_evaluation_runs_it_without(monkeypatch):
+    """The kernels draw their own dropout mask: training with dropout on the write runs the autograd kernel with
+    p = dropout, evaluation (and dropout on h, which leaves the write whole) with p = 0."""
     calls = []
     monkeypatch.setattr(ddl_kernels, "available", lambda X: True)
-    monkeypatch.setattr(ddl_kernels, "delta_write", lambda X, *a, **k: calls.append(1) or X)
-    model = tiny_gpt(residual="delta", dropout=0.5)
-    model.use_kernels(True)
+    monkeypatch.setattr(ddl_kernels, "delta_write", lambda X, *a, p=0.0, **k: calls.append(p) or X)
+    monkeypatch.setattr(ddl_kernels, "delta_update", lambda update, X, *a: calls.append("no grad") or X)
     idx = random_tokens()
-    model.train()
-    model(idx, idx)
-    assert calls == []
-    model.eval()
-    model(idx, idx)
-    assert len(calls) == 2 * model.config.n_layer
+    for dropout_at, expected in (("write", 0.5), ("h", 0.0)):
+        calls.clear()
+        model = tiny_gpt(residual="delta", dropout=0.5, dropout_at=dropout_at)
+        model.use_kernels(True)
+        model.train()(idx, idx)
+        assert calls == [expected] * 2 * model.config.n_layer
+        calls.clear()
+        model.eval()(idx, idx)
+        assert calls == [0.0] * 2 * model.config.n_layer
+        with torch.no_grad():
+            model(idx)
+        assert calls[2 * model.config.n_layer:] == ["no grad"] * 2 * model.config.n_layer
 
 
 def test_by_default_the_kernel_runs_only_where_the_model_is_not_compiled(monkeypatch):

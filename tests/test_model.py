@@ -125,7 +125,7 @@ def test_residual_state_and_loss_stay_float32_under_bf16_autocast(mode):
     model = tiny_gpt(**mode)
     state_dtypes = []
     for block in model.transformer.h:
-        block.register_forward_hook(lambda module, inputs, output: state_dtypes.append(output.dtype))
+        block.register_forward_hook(lambda module, inputs, output: state_dtypes.append(output[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(random_tokens(), random_tokens(seed=1))
     assert state_dtypes == [torch.float32] * TINY_MODEL["n_layer"]

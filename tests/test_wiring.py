@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from conftest import MODES, TINY_MODEL, all_logits, perturb, random_tokens, tiny_gpt
-from ddl_gpt import Compress, DeltaUpdate, GPT, GPTConfig, gate_statistics
+from ddl_gpt import Block, Compress, DeltaUpdate, GPT, GPTConfig, gate_statistics
 
 VOCAB, T, D = TINY_MODEL["vocab_size"], TINY_MODEL["block_size"], TINY_MODEL["n_embd"]
 EPS = 1e-5   # RMSNorm eps and the eps of k = h / sqrt(|h|^2 + eps^2), DDL.md §2 and §4
@@ -30,8 +30,15 @@ def tables(model, length=T):
     return model.rope_cos[:length], model.rope_sin[:length]
 
 
+def run_block(model, block, X):
+    """One block on the state X, as GPT.forward runs it: X read by its compress, then its output state."""
+    i = list(model.transformer.h).index(block)
+    return block(X, block.compress(X), *tables(model), model.reads_after()[i])[0]
+
+
 class Recorder:
-    """Forward hooks that keep (name, inputs, output) of every call to the given modules, in order."""
+    """Forward hooks that keep (name, inputs, output) of every call to the given modules, in order. Of a Block's
+    output (X, x), the state X and what the next block reads of it, the state is kept."""
 
     def __init__(self, named_modules):
         self.calls = []
@@ -39,7 +46,7 @@ class Recorder:
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            self.calls.append((name, inputs, output))
+            self.calls.append((name, inputs, output[0] if isinstance(module, Block) else output))
         return hook
 
     def remove(self):
@@ -99,8 +106,8 @@ def test_in_a_block_the_gate_ignores_the_scale_of_the_state_and_only_the_sigmoid
     block = model.transformer.h[0]
     recorder = Recorder([("attn", block.update_attn)])
     X = torch.randn(2, T, D, 4, generator=torch.Generator().manual_seed(2))
-    block(X, *tables(model))
-    block(5 * X, *tables(model))
+    run_block(model, block, X)
+    run_block(model, block, 5 * X)
     recorder.remove()
     (args, _), (args_scaled, _) = recorder.of("attn")
     k, beta, v = block.update_attn.coefficients(*args[1:])
@@ -321,7 +328,7 @@ def test_delta_mode_dropout_thins_the_whole_write_element_by_element_and_leaves_
     block.attn.dropout = 0.0            # attention dropout off, so that h = attn(c) can be recomputed
     recorder = Recorder([("attn", block.update_attn), ("mlp", block.update_mlp)])
     torch.manual_seed(6)
-    block(torch.randn(2, T, D, 4), *tables(model))
+    run_block(model, block, torch.randn(2, T, D, 4))
     recorder.remove()
     for name, sublayer in (("attn", lambda c: block.attn(c, *tables(model))), ("mlp", block.mlp)):
         [((X, x_in, c, h), X_new)] = recorder.of(name)
@@ -344,7 +351,7 @@ def test_additive_mode_dropout_acts_on_the_sublayer_output():
     recorder = Recorder([("attn", block.attn), ("mlp", block.mlp), ("ln_2", block.ln_2)])
     torch.manual_seed(7)
     X = torch.randn(2, T, D, 1)
-    X_out = block(X, *tables(model))
+    X_out = run_block(model, block, X)
     recorder.remove()
     [(_, h_attn)], [(_, h_mlp)], [((x_mid,), _)] = recorder.of("attn"), recorder.of("mlp"), recorder.of("ln_2")
     dropped_and_kept(x_mid - X[..., 0], h_attn)

@@ -268,8 +268,7 @@ def delta_write_read(X, h, beta, v, mix, erase=True, eps=1e-5, p=0.0):
     return _delta_write(X, h, beta.float(), v.float(), mix, _seed(X, p), p, erase, eps)
 
 
-@torch.library.custom_op("ddl::delta_update", mutates_args=())
-def _delta_update(X: torch.Tensor, x_in: torch.Tensor, c: torch.Tensor, h: torch.Tensor, gate_weight: torch.Tensor,
+def _launch_update(X: torch.Tensor, x_in: torch.Tensor, c: torch.Tensor, h: torch.Tensor, gate_weight: torch.Tensor,
                   gate_bias: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor, erase: bool,
                   linear_value: bool, eps: float) -> torch.Tensor:
     """X_new (B, T, d, d_v) from X (B, T, d, d_v), x_in, c, h (B, T, d) and a DeltaUpdate's parameters. No autograd."""
@@ -281,6 +280,9 @@ def _delta_update(X: torch.Tensor, x_in: torch.Tensor, c: torch.Tensor, h: torch
     return X_new
 
 
+_delta_update = torch.library.custom_op("ddl::delta_update", mutates_args=())(_launch_update)
+
+
 @_delta_update.register_fake
 def _(X, x_in, c, h, gate_weight, gate_bias, value_weight, value_bias, erase, linear_value, eps):
     return torch.empty_like(X, memory_format=torch.contiguous_format)                        # (B, T, d, d_v)
@@ -289,9 +291,12 @@ def _(X, x_in, c, h, gate_weight, gate_bias, value_weight, value_bias, erase, li
 @torch.no_grad()
 def delta_update(update, X, x_in, c, h, eps=1e-5):
     """DeltaUpdate `update`'s whole write X -> X_new (B, T, d, d_v), beta and v computed inside the kernel too.
-    Without autograd (generation, evaluation): one launch, where the plain code makes a dozen."""
-    return _delta_update(X, x_in, c, h, update.gate_weight, update.gate_bias, update.value_proj.weight,
-                         update.value_proj.bias, update.erase, update.linear_value, eps)
+    Without autograd (generation, evaluation): one launch, where the plain code makes a dozen. Outside
+    torch.compile the kernel is launched directly: the operator's first call imports TorchDynamo, seconds that
+    a short sample.py command would spend waiting."""
+    update_op = _delta_update if torch.compiler.is_compiling() else _launch_update
+    return update_op(X, x_in, c, h, update.gate_weight, update.gate_bias, update.value_proj.weight,
+                     update.value_proj.bias, update.erase, update.linear_value, eps)
 
 
 def _write_dropout(update):

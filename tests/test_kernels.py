@@ -7,7 +7,10 @@ ones that check the plain path is what runs then.
 
 import importlib.util
 import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +262,38 @@ def test_the_kernels_are_operators_that_pass_torch_librarys_checks(kernel_device
     parameters = [p.detach() for p in (update.gate_weight, update.gate_bias, update.value_proj.weight,
                                         update.value_proj.bias)]
     torch.library.opcheck(torch.ops.ddl.delta_update.default, (X, x_in, c, h, *parameters, True, False, 1e-5))
+
+
+@needs_triton
+def test_generating_with_the_inference_kernel_does_not_import_torchdynamo():
+    """Calling a torch.library operator the first time imports TorchDynamo (seconds on a GPU machine): outside
+    torch.compile, generation launches the inference kernel directly, so that a short sample.py command does not
+    wait for it. In a fresh process, through Triton's interpreter where there is no GPU."""
+    script = """
+import sys, torch
+import ddl_kernels
+from conftest import tiny_gpt
+from generate import generate
+if not torch.cuda.is_available():
+    ddl_kernels.available = lambda X: True
+model = tiny_gpt(residual="delta", d_v=4).eval()
+model.use_kernels(True)
+launches = []
+kernel = ddl_kernels._update_kernel
+class Counted:
+    def __getitem__(self, grid):
+        launches.append(grid)
+        return kernel[grid]
+ddl_kernels._update_kernel = Counted()
+list(generate(model, torch.zeros(1, 1, dtype=torch.long), 3, temperature=0.0))
+print(len(launches) > 0, "torch._dynamo" in sys.modules)
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)
+    tests = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent)])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"]       # the kernel ran; TorchDynamo was never imported
 
 
 class CountedKernel:

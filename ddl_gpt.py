@@ -18,8 +18,8 @@ What is in this file, top to bottom:
   read through learned per-feature mixes (`Compress`) and started from the embedding by an optional
   causal token convolution ("EC");
 - `residual`: "add" (x + F(x)), "delta" (DDL) or "write" (x + beta*v*k, the erase-free ablation);
-- the model's side of generation: a cache of attention's keys and values allocated once (`KVCache`), and
-  `GPT.prefill` / `GPT.decode_step`, which read a prompt, then one token at a time with fixed shapes;
+- the model's side of generation: `GPT.prefill` / `GPT.decode_step`, which read a prompt, then one token at a
+  time with fixed shapes, keeping attention's keys and values in a cache allocated once (generate.py's KVCache);
   `GPT.forward` stays the reference that computes every position from scratch (generate.py samples).
 """
 
@@ -103,6 +103,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim)  # (B, T, 3 nh, hd)
+        q, k, v, mask = self.heads(qkv, cos, sin, cache)            # (B, nh, T, hd), 2 x (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
+        return self.c_proj(y)                                       # (B, T, C)
+
+    def heads(self, qkv, cos, sin, cache=None):
+        """Queries (B, nh, T, hd), and the keys and values (B, nh, S, hd) they attend to with its mask (or None:
+        causal over the T positions themselves). `cache` (generation): these positions are stored in it, and the
+        keys and values are every position it holds."""
         # rotary and the norms act on the last axis; in this layout they read memory in order (faster than after
         # the transpose), queries and keys rotate in one pass, and one transpose then puts the heads first
         qk = apply_rotary(qkv[:, :, :2 * self.n_head], cos, sin)   # (B, T, 2 nh, hd)
@@ -110,13 +120,9 @@ class CausalSelfAttention(nn.Module):
         q = self.q_norm(q).transpose(1, 2)                          # (B, nh, T, hd)
         k = self.k_norm(k).transpose(1, 2)                          # (B, nh, T, hd)
         v = qkv[:, :, 2 * self.n_head:].transpose(1, 2)             # (B, nh, T, hd)
-        mask = None  # without one, attention is causal over the T positions themselves (a single query reads all)
-        if cache is not None:  # generation: store these positions; a decode step reads every cached one
-            k, v, mask = cache.update(self, k, v)                   # 2 x (B, nh, S, hd), mask (1, 1, 1, S) or None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)           # (B, T, C)
-        return self.c_proj(y)                                       # (B, T, C)
+        if cache is None:
+            return q, k, v, None
+        return q, *cache.update(self, k, v)                         # 2 x (B, nh, S, hd), mask (1, 1, 1, S) or None
 
 
 class MLP(nn.Module):
@@ -277,44 +283,6 @@ class Block(nn.Module):
             X = X + self.drop(h).to(X.dtype).unsqueeze(-1)       # (B, T, d, 1)    x <- x + h
             return X, read(X)                                   # (B, T, d)
         return update.write_then_read(X, x_in, c, h, read)      # (B, T, d, d_v)  X <- X + beta k ⊗ (v - kᵀX)
-
-
-class KVCache:
-    """What generation keeps of the positions seen, so that a new token costs one position's work: per attention
-    layer its keys (after rotary and the k-norm) and values, in buffers allocated once for block_size positions,
-    and the last taps - 1 embeddings for Expand's convolution. Every decode step then has the same shapes, which
-    is what lets a CUDA graph replay it. The state needs no cache: a position's state depends only on its token
-    and what attention reads."""
-
-    def __init__(self, config, batch_size, device):
-        self.config, self.batch_size, self.device = config, batch_size, device
-        self.k, self.v = {}, {}  # attention module -> (B, nh, block_size, hd), allocated at its first prefill
-        self.tail = torch.zeros(batch_size, Expand.taps - 1, config.n_embd, device=device)  # (B, taps - 1, d)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next decode step fills
-        self.slots = torch.arange(config.block_size, device=device)  # (block_size,)
-        self.fixed_shapes = False  # decode steps read every slot through a mask (set for CUDA graphs)
-        self.filled = None       # (1, 1, 1, block_size): which slots a decode step reads (GPT.decode_step)
-        self.length = 0          # positions filled (the host's copy of pos)
-        self.prefilling = False
-
-    def update(self, attn, k, v):
-        """Store the new positions' k, v (B, nh, T, hd); return the keys and values attention reads, and its mask:
-        when prefilling, k and v themselves (causal, no mask); when decoding, the slots filled so far, or with
-        fixed_shapes (what a CUDA graph needs) every slot and the mask of those filled."""
-        if self.prefilling:
-            if attn not in self.k:  # slots never written are read only through a mask, and must not be NaN there
-                shape = (self.batch_size, k.size(1), self.config.block_size, k.size(3))
-                new = torch.zeros if self.fixed_shapes else torch.empty
-                self.k[attn] = new(shape, dtype=k.dtype, device=k.device)  # (B, nh, block_size, hd)
-                self.v[attn] = new(shape, dtype=v.dtype, device=v.device)  # (B, nh, block_size, hd)
-            self.k[attn][:, :, :k.size(2)] = k
-            self.v[attn][:, :, :v.size(2)] = v
-            return k, v, None
-        self.k[attn].index_copy_(2, self.pos, k.to(self.k[attn].dtype))  # (B, nh, block_size, hd)
-        self.v[attn].index_copy_(2, self.pos, v.to(self.v[attn].dtype))
-        if self.fixed_shapes:
-            return self.k[attn], self.v[attn], self.filled
-        return self.k[attn][:, :, :self.length + 1], self.v[attn][:, :, :self.length + 1], None  # (B, nh, S, hd)
 
 
 class GPT(nn.Module):

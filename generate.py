@@ -30,7 +30,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ddl_gpt import KVCache
+from ddl_gpt import Expand
+
+
+class KVCache:
+    """What generation keeps of the positions seen, so that a new token costs one position's work: per attention
+    layer its keys (after rotary and the k-norm) and values, in buffers allocated once for block_size positions,
+    and the last taps - 1 embeddings for Expand's convolution. Every decode step then has the same shapes, which
+    is what lets a CUDA graph replay it. The state needs no cache: a position's state depends only on its token
+    and what attention reads."""
+
+    def __init__(self, config, batch_size, device):
+        self.config, self.batch_size, self.device = config, batch_size, device
+        self.k, self.v = {}, {}  # attention module -> (B, nh, block_size, hd), allocated at its first prefill
+        self.tail = torch.zeros(batch_size, Expand.taps - 1, config.n_embd, device=device)  # (B, taps - 1, d)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next decode step fills
+        self.slots = torch.arange(config.block_size, device=device)  # (block_size,)
+        self.fixed_shapes = False  # decode steps read every slot through a mask (set for CUDA graphs)
+        self.filled = None       # (1, 1, 1, block_size): which slots a decode step reads (GPT.decode_step)
+        self.length = 0          # positions filled (the host's copy of pos)
+        self.prefilling = False
+
+    def update(self, attn, k, v):
+        """Store the new positions' k, v (B, nh, T, hd) (from slot 0 when prefilling, else at pos); return what
+        attention reads (`reads`)."""
+        K, V = self.buffers(attn, k.shape, k.dtype, v.dtype)       # 2 x (B, nh, block_size, hd)
+        if self.prefilling:
+            K[:, :, :k.size(2)] = k
+            V[:, :, :v.size(2)] = v
+            return k, v, None
+        K.index_copy_(2, self.pos, k.to(K.dtype))
+        V.index_copy_(2, self.pos, v.to(V.dtype))
+        return self.reads(attn, k.size(2))
+
+    def buffers(self, attn, shape, k_dtype, v_dtype):
+        """The cache of one attention layer's keys and values, 2 x (B, nh, block_size, hd), allocated at its first
+        prefill; slots never written are read only through a mask, and must not be NaN there."""
+        if attn not in self.k:
+            shape = (self.batch_size, shape[1], self.config.block_size, shape[3])
+            new = torch.zeros if self.fixed_shapes else torch.empty
+            self.k[attn] = new(shape, dtype=k_dtype, device=self.device)  # (B, nh, block_size, hd)
+            self.v[attn] = new(shape, dtype=v_dtype, device=self.device)  # (B, nh, block_size, hd)
+        return self.k[attn], self.v[attn]
+
+    def reads(self, attn, T):
+        """What attention reads after T positions were stored: when prefilling, those T (causal, no mask); when
+        decoding, the slots filled so far, or with fixed_shapes (what a CUDA graph needs) every slot and the
+        mask of those filled."""
+        K, V = self.k[attn], self.v[attn]                          # 2 x (B, nh, block_size, hd)
+        if self.prefilling:
+            return K[:, :, :T], V[:, :, :T], None                   # 2 x (B, nh, T, hd)
+        if self.fixed_shapes:
+            return K, V, self.filled
+        return K[:, :, :self.length + 1], V[:, :, :self.length + 1], None  # 2 x (B, nh, S, hd)
+
 
 CHUNK = 1024  # uniforms drawn per sample at a time
 # Attention over a whole context (the prompt, the re-read past block_size) is causal without a mask. cuDNN's

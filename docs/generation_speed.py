@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ddl_gpt import GPT, GPTConfig, KVCache  # noqa: E402
-from generate import Decoder, Draws, cast_weights, precision  # noqa: E402
+from ddl_gpt import GPT, GPTConfig  # noqa: E402
+from generate import Decoder, Draws, KVCache, cast_weights, precision  # noqa: E402
 from sample import rates, timed_generation  # noqa: E402
 from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
 

@@ -16,8 +16,7 @@ import torch
 
 from support.configurator import run_cli
 from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL, tiny_gpt
-from ddl_gpt import KVCache
-from generate import cast_weights, generate, pick
+from generate import KVCache, cast_weights, generate, pick
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 import sample
 from sample import SampleConfig, main, new_text

@@ -332,18 +332,18 @@ class GPT(nn.Module):
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.02)
 
     def use_kernels(self, on=True):
-        """Run the delta writes through ddl_kernels.py's fused kernels where they can (CUDA with Triton, d_v in
-        1, 2, 4, 8): each DeltaUpdate's forward is replaced by
-        ddl_kernels.fused_forward, the same equation, and its write_then_read by one that reads the new state in
-        the same kernel. on=False puts DeltaUpdate's own methods, the reference, back."""
-        replacements = dict(forward=ddl_kernels.fused_forward, write_then_read=ddl_kernels.fused_write_then_read)
+        """Run the delta writes, and in generation attention's inputs, through ddl_kernels.py's fused kernels
+        where they can (CUDA with Triton; d_v in 1, 2, 4, 8): each DeltaUpdate's forward and write_then_read, and
+        each attention's heads, are replaced by the same computation in kernels. on=False puts the reference back."""
+        replacements = {DeltaUpdate: dict(forward=ddl_kernels.fused_forward,
+                                          write_then_read=ddl_kernels.fused_write_then_read),
+                        CausalSelfAttention: dict(heads=ddl_kernels.fused_heads)}
         for module in self.modules():
-            if isinstance(module, DeltaUpdate):
-                for name, fused in replacements.items():
-                    if on:
-                        setattr(module, name, types.MethodType(fused, module))
-                    else:
-                        module.__dict__.pop(name, None)
+            for name, fused in replacements.get(type(module), {}).items():
+                if on:
+                    setattr(module, name, types.MethodType(fused, module))
+                else:
+                    module.__dict__.pop(name, None)
 
     def reads_after(self):
         """The read after each block: the next block's Compress, and after the last block the readout."""

@@ -48,6 +48,11 @@ def available(X):
     return triton is not None and X.is_cuda and X.size(-1) in (1, 2, 4, 8)
 
 
+def heads_available(qkv):
+    """Whether generation's attention-input kernel can run on qkv (B, T, 3 nh, hd)."""
+    return triton is not None and qkv.is_cuda
+
+
 if triton is not None:
 
     @triton.jit
@@ -170,6 +175,45 @@ if triton is not None:
             v = 4.0 * tl.sigmoid(v)
         x_new = x + (beta * k)[:, None] * _error(x, k, v, ERASE)[None, :]
         tl.store(X_OUT + offs, x_new.to(X_OUT.dtype.element_ty), mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotated_and_normed(X, i, swapped, valid, cos, sin, W, HD, eps):
+        """One head's query or key at X (HD,): rotated by the position's angle as apply_rotary does (in fp32, then
+        rounded to the input's dtype), then RMSNorm with the gain W; in fp32."""
+        x = tl.load(X + i, mask=valid, other=0.0)
+        x_swapped = tl.load(X + swapped, mask=valid, other=0.0).to(tl.float32)
+        y = (x.to(tl.float32) * cos + x_swapped * sin).to(x.dtype).to(tl.float32)
+        rinv = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / HD + eps)
+        return y * rinv * tl.load(W + i, mask=valid, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _heads_kernel(QKV, COS, SIN, QW, KW, Q_OUT, K_CACHE, V_CACHE, POS, T, S, eps,
+                      NH: tl.constexpr, HD: tl.constexpr, BLOCK_HD: tl.constexpr, FROM_POS: tl.constexpr):
+        """Generation's attention inputs for one (sample, position, head): the query and key rotated and
+        normalized, the query stored in Q_OUT (B, NH, T, HD), the key and value in the cache's slot (the position
+        counted from 0 when prefilling, from POS when decoding). What CausalSelfAttention.heads does in nine
+        kernels per layer (rotary, the two norms, the two cache writes and their casts)."""
+        pid = tl.program_id(0).to(tl.int64)
+        h, t, b = pid % NH, (pid // NH) % T, pid // (NH * T)
+        i = tl.arange(0, BLOCK_HD)                                # (BLOCK_HD,)
+        valid = i < HD
+        swapped = tl.where(i < HD // 2, i + HD // 2, i - HD // 2)  # (x2, x1) of the pairs (x1, x2)
+        row = QKV + (b * T + t) * 3 * NH * HD
+        cos = tl.load(COS + t * HD + i, mask=valid, other=0.0)
+        sin = tl.load(SIN + t * HD + i, mask=valid, other=0.0)
+        slot = t
+        if FROM_POS:
+            slot += tl.load(POS)
+        q = _rotated_and_normed(row + h * HD, i, swapped, valid, cos, sin, QW, HD, eps)
+        k = _rotated_and_normed(row + (NH + h) * HD, i, swapped, valid, cos, sin, KW, HD, eps)
+        v = tl.load(row + (2 * NH + h) * HD + i, mask=valid)
+        tl.store(Q_OUT + ((b * NH + h) * T + t) * HD + i, q.to(Q_OUT.dtype.element_ty), mask=valid)
+        in_cache = ((b * NH + h) * S + slot) * HD + i
+        tl.store(K_CACHE + in_cache, k.to(K_CACHE.dtype.element_ty), mask=valid)
+        tl.store(V_CACHE + in_cache, v.to(V_CACHE.dtype.element_ty), mask=valid)
 
 
 def _launch(D, DV):
@@ -327,3 +371,30 @@ def fused_write_then_read(update, X, x_in, c, h, read):
         h = update.drop(h)                                            # (B, T, d)
     return delta_write_read(X, h, *update.gate_and_value(x_in, c), read.mix, erase=update.erase,
                             p=_write_dropout(update))                 # (B, T, d, d_v), (B, T, d)
+
+
+def _norm_dtype(norm, x):
+    """The dtype of norm(x) for a query or key x of this dtype under the autocast in effect (PyTorch's rules),
+    found once by running the norm on one row and remembered on the norm."""
+    key = (x.dtype, torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+    found = norm.__dict__.setdefault("_out_dtypes", {})
+    if key not in found:
+        found[key] = norm(x.new_zeros(1, norm.normalized_shape[0])).dtype
+    return found[key]
+
+
+def fused_heads(attn, qkv, cos, sin, cache=None):
+    """What replaces CausalSelfAttention.heads when the kernels are on: in generation (with a cache), on CUDA
+    outside torch.compile, one kernel rotates and normalizes the queries and keys and writes the keys and values
+    into the cache; anywhere else the plain code."""
+    if cache is None or not heads_available(qkv) or torch.compiler.is_compiling():
+        return type(attn).heads(attn, qkv, cos, sin, cache)
+    B, T, _, hd = qkv.shape
+    nh = attn.n_head
+    q_dtype, k_dtype = _norm_dtype(attn.q_norm, qkv), _norm_dtype(attn.k_norm, qkv)
+    K, V = cache.buffers(attn, (B, nh, T, hd), k_dtype, qkv.dtype)                  # 2 x (B, nh, block_size, hd)
+    q = torch.empty(B, nh, T, hd, dtype=q_dtype, device=qkv.device)                 # (B, nh, T, hd)
+    _heads_kernel[(B * T * nh,)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), attn.q_norm.weight,
+                                 attn.k_norm.weight, q, K, V, cache.pos, T, K.size(2), attn.q_norm.eps, NH=nh, HD=hd,
+                                 BLOCK_HD=triton.next_power_of_2(hd), FROM_POS=not cache.prefilling)
+    return q, *cache.reads(attn, T)                                                 # 2 x (B, nh, S, hd), mask

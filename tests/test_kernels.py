@@ -18,6 +18,7 @@ import torch
 import ddl_kernels
 from conftest import random_tokens, tiny_gpt
 from ddl_gpt import Compress, DeltaUpdate, GPTConfig
+from generate import KVCache, generate
 from support.speed import use_kernels
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -305,6 +306,39 @@ class CountedKernel:
     def __getitem__(self, grid):
         self.launches += 1
         return self.kernel[grid]
+
+
+@needs_triton
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["slots_filled", "every_slot_masked"])
+@pytest.mark.parametrize("mode", [dict(residual="add"), dict(residual="delta", d_v=4)], ids=["add", "delta_dv4"])
+@torch.no_grad()
+def test_generation_with_the_attention_input_kernel_gives_the_logits_of_forward(kernel_device, mode, fixed_shapes,
+                                                                              monkeypatch):
+    """With the kernels on, generation's queries, keys and values come from one kernel per layer (rotary, the
+    q/k norms, the cache writes): a prompt read by prefill, then decode steps to the end of the cache, give
+    GPT.forward's logits at every step, and greedy generation past block_size (re-reads) the uncached tokens."""
+    monkeypatch.setattr(ddl_kernels, "heads_available", lambda qkv: True)
+    kernel = CountedKernel(ddl_kernels._heads_kernel)
+    monkeypatch.setattr(ddl_kernels, "_heads_kernel", kernel)
+    model = tiny_gpt(block_size=16, **mode).to(kernel_device).eval()
+    generator = torch.Generator().manual_seed(1)
+    for p in model.parameters():                                       # off the identity-like init
+        p.add_(0.1 * torch.randn(p.shape, generator=generator).to(kernel_device))
+    idx = random_tokens().to(kernel_device)[:, :16]                    # (B, 16)
+    reference = torch.stack([model(idx[:, :t])[0][:, -1] for t in range(3, 17)], dim=1)  # (B, 14, vocab)
+    model.use_kernels(True)
+    cache = KVCache(model.config, idx.size(0), kernel_device)
+    cache.fixed_shapes = fixed_shapes
+    logits = [model.prefill(idx[:, :3], cache)]
+    for t in range(3, 16):
+        logits.append(model.decode_step(idx[:, t:t + 1], cache))
+        cache.length += 1
+    assert kernel.launches == model.config.n_layer * 14                # every layer, in the prefill and each step
+    torch.testing.assert_close(torch.stack(logits, dim=1), reference, rtol=0, atol=1e-5)
+    prompt = idx[:, :10]
+    cached = list(generate(model, prompt, 12, temperature=0, use_graph=False))   # 22 tokens > block_size 16
+    model.use_kernels(False)
+    assert cached == list(generate(model, prompt, 12, temperature=0, use_cache=False))
 
 
 @needs_triton

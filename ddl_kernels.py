@@ -244,8 +244,8 @@ def _delta_write(X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.
 
 @torch.library.custom_op("ddl::delta_write_backward", mutates_args=())
 def _delta_write_backward(g: torch.Tensor, g_read: Optional[torch.Tensor], X: torch.Tensor, h: torch.Tensor,
-                          beta: torch.Tensor, v: torch.Tensor, mix: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                          p: float, erase: bool, eps: float
+                          beta: torch.Tensor, v: torch.Tensor, mix: Optional[torch.Tensor],
+                          seed: Optional[torch.Tensor], p: float, erase: bool, eps: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dX, dh, dbeta, dv and dmix (an empty tensor without a mix) of ddl::delta_write, from g = dL/dX_new
     (B, T, d, d_v) and g_read = dL/dread (B, T, d): the equations at the top."""

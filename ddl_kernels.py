@@ -124,8 +124,8 @@ if triton is not None:
             d, j, offs, mask, x, k, rinv, beta, e = _load_token(X, H, BETA, V, n, D, DV, BLOCK_D, ERASE, eps2)
             g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)               # (BLOCK_D, DV)
             if READ:
-                mix = tl.load(MIX + d[:, None] * DV + j[None, :], mask=mask, other=0.0)
-                g_read = tl.load(G_READ + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+                mix = tl.load(MIX + d[:, None] * DV + j[None, :], mask=mask, other=0.0)      # (BLOCK_D, DV)
+                g_read = tl.load(G_READ + n * D + d, mask=d < D, other=0.0).to(tl.float32)  # (BLOCK_D,)
                 g += g_read[:, None] * mix
             g_write = g                                           # (BLOCK_D, DV): the gradient of the write
             if DROP:
@@ -134,17 +134,17 @@ if triton is not None:
             u = tl.sum(k[:, None] * g_write, axis=0)              # (DV,)
             dk = beta * tl.sum(g_write * e[None, :], axis=1)      # (BLOCK_D,)
             if ERASE:
-                dx = g - (beta * k)[:, None] * u[None, :]
+                dx = g - (beta * k)[:, None] * u[None, :]         # (BLOCK_D, DV)
                 dk -= beta * tl.sum(x * u[None, :], axis=1)
             else:
                 dx = g
-            dh = rinv * (dk - k * tl.sum(k * dk, axis=0))
+            dh = rinv * (dk - k * tl.sum(k * dk, axis=0))         # (BLOCK_D,)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             tl.store(DH + n * D + d, dh.to(DH.dtype.element_ty), mask=d < D)
             tl.store(DBETA + n, tl.sum(e * u, axis=0))
             tl.store(DV_OUT + n * DV + j, beta * u)
             if READ:
-                write = (beta * k)[:, None] * e[None, :]
+                write = (beta * k)[:, None] * e[None, :]          # (BLOCK_D, DV)
                 if DROP:
                     write = tl.where(kept, write / (1.0 - p), 0.0)
                 x_new = (x + write).to(X.dtype.element_ty).to(tl.float32)            # X_new as the forward stored it
@@ -200,16 +200,16 @@ if triton is not None:
         h, t, b = pid % NH, (pid // NH) % T, pid // (NH * T)
         i = tl.arange(0, BLOCK_HD)                                # (BLOCK_HD,)
         valid = i < HD
-        swapped = tl.where(i < HD // 2, i + HD // 2, i - HD // 2)  # (x2, x1) of the pairs (x1, x2)
+        swapped = tl.where(i < HD // 2, i + HD // 2, i - HD // 2)  # (BLOCK_HD,): (x2, x1) of the pairs (x1, x2)
         row = QKV + (b * T + t) * 3 * NH * HD
-        cos = tl.load(COS + t * HD + i, mask=valid, other=0.0)
-        sin = tl.load(SIN + t * HD + i, mask=valid, other=0.0)
+        cos = tl.load(COS + t * HD + i, mask=valid, other=0.0)    # (BLOCK_HD,)
+        sin = tl.load(SIN + t * HD + i, mask=valid, other=0.0)    # (BLOCK_HD,)
         slot = t
         if FROM_POS:
             slot += tl.load(POS)
-        q = _rotated_and_normed(row + h * HD, i, swapped, valid, cos, sin, QW, HD, eps)
-        k = _rotated_and_normed(row + (NH + h) * HD, i, swapped, valid, cos, sin, KW, HD, eps)
-        v = tl.load(row + (2 * NH + h) * HD + i, mask=valid)
+        q = _rotated_and_normed(row + h * HD, i, swapped, valid, cos, sin, QW, HD, eps)         # (BLOCK_HD,)
+        k = _rotated_and_normed(row + (NH + h) * HD, i, swapped, valid, cos, sin, KW, HD, eps)  # (BLOCK_HD,)
+        v = tl.load(row + (2 * NH + h) * HD + i, mask=valid)                                    # (BLOCK_HD,)
         tl.store(Q_OUT + ((b * NH + h) * T + t) * HD + i, q.to(Q_OUT.dtype.element_ty), mask=valid)
         in_cache = ((b * NH + h) * S + slot) * HD + i
         tl.store(K_CACHE + in_cache, k.to(K_CACHE.dtype.element_ty), mask=valid)

@@ -69,6 +69,10 @@ HOW_TO_READ = ("How to read: lower loss is better. 95% CI: Welch's confidence in
 HOW_TO_READ_STEPS = ("Only the runs that reached the accuracy are compared, so a variant whose runs rarely get there "
                      "is judged on its few that did. 95% CI, p and p (Holm, over the {k} of this table with a p) "
                      "as in the test of the loss above.")
+HOW_TO_READ_ACCURACY = ("Higher accuracy is better. This test uses every run's final accuracy, with no threshold; "
+                        "the accuracies are far from normal when some runs climb and others stay near 0.5, so read "
+                        "its p as a rough guide. 95% CI, p and p (Holm, over the {k} of this table with a p) as in "
+                        "the test of the loss above.")
 CLICK = 0.7     # a run "clicks" when its final answer accuracy exceeds this
 NEAR = 0.05     # final accuracies this close to CLICK are named in the report: their class is fragile
 ACCURATE = 0.9  # and the report gives the first evaluation at which a clicking run's accuracy reaches this
@@ -518,6 +522,8 @@ def click_section(runs):
               f"than the one observed. p (Holm) is p adjusted by Holm's step-down method over the "
               f"{rows_text(len(tests))} of this table with a p. The step is that of the first evaluation{every} "
               f"at which the answer accuracy was {ACCURATE} or more."]
+    lines += welch_table(runs, lambda run: run["accuracy_final"], "the final answer accuracy", 3,
+                         HOW_TO_READ_ACCURACY)
     accurate = {name: {seed: run for seed, run in by_seed.items() if run["accurate_at"] is not None}
                 for name, by_seed in runs.items()}
     accurate = {name: by_seed for name, by_seed in accurate.items() if by_seed}

@@ -270,6 +270,11 @@ def test_a_report_with_answer_accuracy_counts_clicks_with_fishers_test_and_holm_
     assert "Welch's t-test of the first step at accuracy ≥ 0.9 against add" in report
     assert "| delta | +67 | — | — | — | — (needs 2+ runs each and some spread) | — |" in report
     assert "| write | 0.950 | 0.730 | 0.520 | 0.520 |" in report        # final accuracy of each run
+    # every run's final accuracy, no threshold: delta (0.92, 0.52 x 3) against add (0.92, 0.95, 0.95, 0.88):
+    # difference -0.305; variances 0.04 and 0.0011, se sqrt(0.01 + 0.000275) = 0.1014, t = -3.01,
+    # Welch df 0.010275^2 / (0.01^2 / 3 + 0.000275^2 / 3) = 3.2
+    assert "Welch's t-test of the final answer accuracy against add" in report
+    assert "| delta | -0.305 | [" in report and "| -3.01 | 3.2 |" in report
 
 
 def test_a_repeated_grid_is_compared_run_by_run_at_equal_seeds_next_to_the_spread_over_seeds(tmp_path, capsys):

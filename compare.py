@@ -26,7 +26,8 @@ A variant's settings win over those given for every run. The first variant is th
 others are tested against: Welch's t-test of the best validation loss, with the difference's 95%
 confidence interval and p adjusted by Holm's method over the variants. Runs that log answer accuracy
 (the reassignment task) also get the runs that "click" (final accuracy above 0.7) with Fisher's exact
-test against the reference, and the step at which each clicking run first reaches 0.9.
+test against the reference, Welch's test of the final accuracy itself, and the step at which each clicking
+run first reaches 0.9.
 
 To see how far a run lands from the same run repeated (same variant and seed), run a second grid
 with the same variants and seeds into another folder and report it against the first:

@@ -373,6 +373,29 @@ def test_a_compiled_model_with_fused_writes_has_the_plain_models_loss_and_gradie
     assert kernels["_update_kernel"].launches == writes
 
 
+@needs_triton
+def test_a_compiled_model_trains_with_the_kernels_own_dropout_in_one_graph(kernel_device, monkeypatch):
+    """--compile=True --fused=True with the baby preset's dropout on the write: the seed of each write's mask is
+    drawn inside the compiled graph (fullgraph: no break), the kernels run forward and backward, the loss and
+    gradients are finite, two steps draw two masks, and torch.manual_seed draws the same ones again."""
+    kernels = {name: CountedKernel(getattr(ddl_kernels, name)) for name in ("_forward_kernel", "_backward_kernel")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(ddl_kernels, name, kernel)
+    model = tiny_gpt(residual="delta", d_v=4, n_layer=1, dropout=0.3).to(kernel_device).train()
+    model.use_kernels(True)
+    compiled = torch.compile(model, fullgraph=True)
+    idx = random_tokens().to(kernel_device)
+    losses = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        loss = compiled(idx, idx)[1]
+        loss.backward()
+        losses.append(loss.item())
+    assert [kernel.launches for kernel in kernels.values()] == [6, 6]     # 2 writes x 3 steps, each way
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert losses[0] != losses[1] and losses[0] == losses[2]
+
+
 @no_gpu
 def test_without_a_gpu_the_plain_path_runs_and_says_so(monkeypatch):
     model = tiny_gpt(residual="delta", d_v=4)

@@ -7,7 +7,7 @@ Where generation's time goes, on a CUDA GPU (docs/PERFORMANCE.md, Generation, qu
     python docs/generation_speed.py --what=compiled      # the decode step compiled (sample.py --compile=True)
 
 Random weights (speed does not depend on them), greedy from a one-token prompt, the model prepared as
-sample.py prepares it (weights stored in the generation's dtype, the fused delta writes on).
+sample.py prepares it (weights stored in the generation's dtype, the fused kernels on; --fused=False: off).
 - whole: generate() alone for 500 tokens after a warm-up generation (Triton's kernels compiled): the time
   to the first token (prefill and the decode step's capture) and to the last, as a user waits for them.
 - steps: one decode step and one re-read past block_size, each replayed as a CUDA graph, waiting for
@@ -43,12 +43,13 @@ class SpeedConfig:
     dtypes: str = "bfloat16,float32"
     batch_sizes: str = "1,8"
     tokens: int = 500            # new tokens per generation (whole, compiled)
+    fused: bool = True           # ddl_kernels.py's kernels (delta writes, attention's inputs); False: plain PyTorch
 
 
-def model_for(shape, mode, dtype):
+def model_for(shape, mode, dtype, fused=True):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SHAPES[shape], **MODES[mode])).cuda().eval()
-    model.use_kernels(mode != "add")
+    model.use_kernels(fused)  # the delta writes (none in add mode) and attention's inputs
     return cast_weights(model, dtype)
 
 
@@ -110,10 +111,11 @@ def main(argv):
     if not torch.cuda.is_available():
         raise ConfigError("this script times generation on a CUDA GPU, and none is here")
     batches = [int(b) for b in cfg.batch_sizes.split(",")]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {cfg.shape}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {cfg.shape}, "
+          f"ddl_kernels {'on' if cfg.fused else 'off (--fused=False)'}")
     for mode in modes:
         for dtype in dtypes:
-            model = model_for(cfg.shape, mode, dtype)
+            model = model_for(cfg.shape, mode, dtype, cfg.fused)
             for batch in batches:
                 if cfg.what == "whole":
                     timed_generation(model, batch, cfg.tokens, dtype, use_cache=True)       # warm-up

@@ -272,7 +272,7 @@ class Block(nn.Module):
         """
         c = self.ln_1(x_in)                                                      # (B, T, d)  normalize
         h = self.attn(c, cos, sin, cache)                                        # (B, T, d)  sublayer output
-        X, x_in = self.write(self.update_attn, X, x_in, c, h, self.compress)     # write, then read again
+        X, x_in = self.write(self.update_attn, X, x_in, c, h, self.compress)     # (B, T, d, d_v), (B, T, d)
         c = self.ln_2(x_in)                                                      # (B, T, d)
         h = self.mlp(c)                                                          # (B, T, d)
         return self.write(self.update_mlp, X, x_in, c, h, read_next)             # (B, T, d, d_v), (B, T, d)
@@ -281,8 +281,8 @@ class Block(nn.Module):
         """Write h into the state, then read the new state for the next sublayer: X (B, T, d, d_v), x (B, T, d)."""
         if self.residual == "add":
             X = X + self.drop(h).to(X.dtype).unsqueeze(-1)       # (B, T, d, 1)    x <- x + h
-            return X, read(X)                                   # (B, T, d)
-        return update.write_then_read(X, x_in, c, h, read)      # (B, T, d, d_v)  X <- X + beta k ⊗ (v - kᵀX)
+            return X, read(X)                                   # (B, T, d, 1), (B, T, d)
+        return update.write_then_read(X, x_in, c, h, read)      # X <- X + beta k ⊗ (v - kᵀX), then its reading
 
 
 class GPT(nn.Module):

@@ -49,7 +49,7 @@ class SampleConfig:
     max_batch: int = 64            # samples generated together at most; lower it if memory runs short
     device: str = "auto"           # auto picks cuda > mps > cpu
     dtype: str = "auto"            # auto: bfloat16 on GPUs that have it, else float32
-    fused: bool | None = None      # the delta writes in one Triton kernel each (ddl_kernels.py); None: where it runs
+    fused: bool | None = None      # ddl_kernels.py's Triton kernels (delta writes, attention inputs); None: where they run
                                    # and the step is not compiled
     compile: bool = False          # torch.compile the decode step: fewer kernels per token, for tens of seconds at
                                    # the start (pays off over thousands of tokens; docs/PERFORMANCE.md)
@@ -236,7 +236,7 @@ def bench(cfg, from_checkpoint):
     before = time.perf_counter()
     first_token = before - STARTED + timed(1, 1, use_cache=True)[1][0]
     print(f"{c.n_layer} layers x {c.n_embd} wide, block_size {c.block_size}, residual={c.residual}, d_v={c.d_v}, "
-          f"{device.type} {dtype}, delta writes {'in one Triton kernel each' if fused else 'in plain PyTorch'}"
+          f"{device.type} {dtype}, {'kernels of ddl_kernels.py' if fused else 'plain PyTorch (no fused kernels)'}"
           f"{', decode step compiled' if cfg.compile else ''}")
     for batch in (1, 8):
         (cached, t_cached), (uncached, t_uncached) = timed(batch, n, True), timed(batch, n, False)

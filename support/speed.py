@@ -87,12 +87,12 @@ def use_kernels(model, fused, compiled):
     fused=None picks it where it can run and the model is not compiled: torch.compile fuses the plain code with
     its neighbours, where it keeps the kernel as one operator that nothing fuses into (docs/PERFORMANCE.md).
     fused=True runs it in a compiled model too.
-    Returns whether the kernel runs, and the line that says which code runs the writes."""
+    Returns whether the kernels are on, and the line that says which code runs the writes."""
     blocker = kernel_blocker(next(model.parameters()).device, model.config)
     on = blocker is None and (fused is True or (fused is None and not compiled))
     model.use_kernels(on)  # also attention's inputs in generation, in every mode
     if model.config.residual == "add":
-        return False, "residual=add: no delta writes"
+        return on, "residual=add: no delta writes"
     if not on:
         why = blocker if blocker and fused is None else "fused by torch.compile" if compiled else ""
         return False, "delta writes: plain PyTorch (ddl_gpt.py)" + (f"; {why}" if why else "")

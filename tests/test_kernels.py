@@ -440,4 +440,5 @@ def test_by_default_the_kernel_runs_only_where_the_model_is_not_compiled(monkeyp
     assert not fused and "torch.compile" in line
     assert use_kernels(model, True, compiled=True)[0]
     assert not use_kernels(model, False, compiled=False)[0]
-    assert not use_kernels(tiny_gpt(residual="add"), None, compiled=False)[0]
+    assert use_kernels(tiny_gpt(residual="add"), None, compiled=False) == (True, "residual=add: no delta writes")
+    assert not use_kernels(tiny_gpt(residual="add"), None, compiled=True)[0]  # generation's attention kernel only

@@ -189,13 +189,13 @@ if triton is not None:
         rinv = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / HD + eps)
         return y * rinv * tl.load(W + i, mask=valid, other=0.0).to(tl.float32)
 
-    @triton.jit
-    def _heads_kernel(QKV, COS, SIN, QW, KW, Q_OUT, K_CACHE, V_CACHE, POS, T, S, eps,
-                      NH: tl.constexpr, HD: tl.constexpr, BLOCK_HD: tl.constexpr, FROM_POS: tl.constexpr):
+    @triton.jit(do_not_specialize=["T"])  # one compilation for the prefill (T > 1) and the decode step (T = 1)
+    def _heads_kernel(QKV, COS, SIN, QW, KW, Q_OUT, K_CACHE, V_CACHE, FIRST_SLOT, T, S, eps,
+                      NH: tl.constexpr, HD: tl.constexpr, BLOCK_HD: tl.constexpr):
         """Generation's attention inputs for one (sample, position, head): the query and key rotated and
-        normalized, the query stored in Q_OUT (B, NH, T, HD), the key and value in the cache's slot (the position
-        counted from 0 when prefilling, from POS when decoding). What CausalSelfAttention.heads does in nine
-        kernels per layer (rotary, the two norms, the two cache writes and their casts)."""
+        normalized, the query stored in Q_OUT (B, NH, T, HD), the key and value in the cache's slot (position t
+        goes to slot FIRST_SLOT[0] + t). What CausalSelfAttention.heads does in nine kernels per layer (rotary,
+        the two norms, the two cache writes and their casts)."""
         pid = tl.program_id(0).to(tl.int64)
         h, t, b = pid % NH, (pid // NH) % T, pid // (NH * T)
         i = tl.arange(0, BLOCK_HD)                                # (BLOCK_HD,)
@@ -204,9 +204,7 @@ if triton is not None:
         row = QKV + (b * T + t) * 3 * NH * HD
         cos = tl.load(COS + t * HD + i, mask=valid, other=0.0)    # (BLOCK_HD,)
         sin = tl.load(SIN + t * HD + i, mask=valid, other=0.0)    # (BLOCK_HD,)
-        slot = t
-        if FROM_POS:
-            slot += tl.load(POS)
+        slot = tl.load(FIRST_SLOT) + t
         q = _rotated_and_normed(row + h * HD, i, swapped, valid, cos, sin, QW, HD, eps)         # (BLOCK_HD,)
         k = _rotated_and_normed(row + (NH + h) * HD, i, swapped, valid, cos, sin, KW, HD, eps)  # (BLOCK_HD,)
         v = tl.load(row + (2 * NH + h) * HD + i, mask=valid)                                    # (BLOCK_HD,)
@@ -394,7 +392,8 @@ def fused_heads(attn, qkv, cos, sin, cache=None):
     q_dtype, k_dtype = _norm_dtype(attn.q_norm, qkv), _norm_dtype(attn.k_norm, qkv)
     K, V = cache.buffers(attn, (B, nh, T, hd), k_dtype, qkv.dtype)                  # 2 x (B, nh, block_size, hd)
     q = torch.empty(B, nh, T, hd, dtype=q_dtype, device=qkv.device)                 # (B, nh, T, hd)
+    first_slot = cache.slots if cache.prefilling else cache.pos      # (1+,): slot 0 when prefilling, else pos
     _heads_kernel[(B * T * nh,)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), attn.q_norm.weight,
-                                 attn.k_norm.weight, q, K, V, cache.pos, T, K.size(2), attn.q_norm.eps, NH=nh, HD=hd,
-                                 BLOCK_HD=triton.next_power_of_2(hd), FROM_POS=not cache.prefilling)
+                                 attn.k_norm.weight, q, K, V, first_slot, T, K.size(2), attn.q_norm.eps, NH=nh, HD=hd,
+                                 BLOCK_HD=triton.next_power_of_2(hd))
     return q, *cache.reads(attn, T)                                                 # 2 x (B, nh, S, hd), mask

@@ -111,8 +111,8 @@ class CausalSelfAttention(nn.Module):
 
     def heads(self, qkv, cos, sin, cache=None):
         """Queries (B, nh, T, hd), and the keys and values (B, nh, S, hd) they attend to with its mask (or None:
-        causal over the T positions themselves). `cache` (generation): these positions are stored in it, and the
-        keys and values are every position it holds."""
+        causal over the T positions themselves; a single query reads all). `cache` (generation): these positions
+        are stored in it, and the keys and values are every position it holds."""
         # rotary and the norms act on the last axis; in this layout they read memory in order (faster than after
         # the transpose), queries and keys rotate in one pass, and one transpose then puts the heads first
         qk = apply_rotary(qkv[:, :, :2 * self.n_head], cos, sin)   # (B, T, 2 nh, hd)

@@ -57,6 +57,17 @@ def tiny_gpt(seed=0, **overrides):
     return GPT(GPTConfig(**TINY_MODEL | overrides))
 
 
+class CountedKernel:
+    """A Triton kernel that counts its launches, launched as before: kernel[grid](...)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 def random_tokens(batch=2, length=TINY_MODEL["block_size"], seed=0):
     return torch.randint(TINY_MODEL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 

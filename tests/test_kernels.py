@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ddl_kernels
-from conftest import random_tokens, tiny_gpt
+from conftest import CountedKernel, random_tokens, tiny_gpt
 from ddl_gpt import Compress, DeltaUpdate, GPTConfig
 from generate import KVCache, generate
 from support.speed import use_kernels
@@ -273,21 +273,15 @@ def test_generating_with_the_inference_kernel_does_not_import_torchdynamo():
     script = """
 import sys, torch
 import ddl_kernels
-from conftest import tiny_gpt
+from conftest import CountedKernel, tiny_gpt
 from generate import generate
 if not torch.cuda.is_available():
     ddl_kernels.available = lambda X: True
 model = tiny_gpt(residual="delta", d_v=4).eval()
 model.use_kernels(True)
-launches = []
-kernel = ddl_kernels._update_kernel
-class Counted:
-    def __getitem__(self, grid):
-        launches.append(grid)
-        return kernel[grid]
-ddl_kernels._update_kernel = Counted()
+ddl_kernels._update_kernel = kernel = CountedKernel(ddl_kernels._update_kernel)
 list(generate(model, torch.zeros(1, 1, dtype=torch.long), 3, temperature=0.0))
-print(len(launches) > 0, "torch._dynamo" in sys.modules)
+print(kernel.launches > 0, "torch._dynamo" in sys.modules)
 """
     env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)
     tests = Path(__file__).resolve().parent
@@ -295,17 +289,6 @@ print(len(launches) > 0, "torch._dynamo" in sys.modules)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "False"]       # the kernel ran; TorchDynamo was never imported
-
-
-class CountedKernel:
-    """A Triton kernel that counts its launches, launched as before: kernel[grid](...)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @needs_triton

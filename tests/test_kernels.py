@@ -275,12 +275,13 @@ import sys, torch
 import ddl_kernels
 from conftest import CountedKernel, tiny_gpt
 from generate import generate
-if not torch.cuda.is_available():
+device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cpu":
     ddl_kernels.available = lambda X: True
-model = tiny_gpt(residual="delta", d_v=4).eval()
+model = tiny_gpt(residual="delta", d_v=4).to(device).eval()
 model.use_kernels(True)
 ddl_kernels._update_kernel = kernel = CountedKernel(ddl_kernels._update_kernel)
-list(generate(model, torch.zeros(1, 1, dtype=torch.long), 3, temperature=0.0))
+list(generate(model, torch.zeros(1, 1, dtype=torch.long, device=device), 3, temperature=0.0))
 print(kernel.launches > 0, "torch._dynamo" in sys.modules)
 """
     env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)

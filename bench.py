@@ -39,7 +39,7 @@ class BenchConfig:
     compile: bool | None = None       # torch.compile; None: on CUDA where Triton exists
     state_dtype: str = "float32"      # the residual state's storage: float32 or bfloat16
     compile_mode: str = "auto"        # torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, as train.py
-    fused: bool | None = None         # delta writes in ddl_kernels.py's fused kernel; None: when not compiling
+    fused: bool | None = None         # delta writes in ddl_kernels.py's fused kernel; None: wherever it runs
     grad_clip: float = 1.0            # max gradient norm, as in train.py; 0 turns clipping off (nanoGPT's bench.py has none)
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from the table
 

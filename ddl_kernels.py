@@ -16,10 +16,10 @@ replacing each DeltaUpdate's forward and write_then_read; DeltaUpdate's own meth
 
 Each kernel is a PyTorch operator (torch.library): ddl::delta_write with its backward
 ddl::delta_write_backward, and ddl::delta_update. torch.compile keeps an operator as one opaque call in
-the graph it compiles, knowing only its outputs' shapes (the "fakes" below), so a compiled model can run
-the kernels too. Inductor then cannot fuse the write with the norms and reads around it, as it does the
-plain code; which of the two runs faster compiled is for measurements to say (docs/PERFORMANCE.md).
-train.py's default runs the kernels only where it does not compile; --fused=True runs them compiled too.
+the graph it compiles, knowing only its outputs' shapes (the "fakes" below), so a compiled model runs the
+kernels too. Inductor then cannot fuse the write with the norms and reads around it, as it does the plain
+code; measured, the kernels were still faster compiled in three cases of four (docs/PERFORMANCE.md), so
+train.py runs them by default wherever they can run; --fused=False runs the plain code.
 
 It runs only on CUDA, where Triton comes with PyTorch, and only for d_v in (1, 2, 4, 8); everywhere
 else ddl_gpt.py runs its plain PyTorch code. tests/test_kernels.py checks values and gradients against it.
@@ -214,10 +214,12 @@ if triton is not None:
         tl.store(V_CACHE + in_cache, v.to(V_CACHE.dtype.element_ty), mask=valid)
 
 
-def _launch(D, DV):
-    """BLOCK_D (the width padded to a power of two, as Triton's blocks need) and warps for one token's state."""
+def _launch(D, DV, max_warps=16):
+    """BLOCK_D (the width padded to a power of two, as Triton's blocks need) and warps for one token's state.
+    The training kernels take at most 8: at d = 768, d_v = 4 on an H200 the backward ran in 274 us with 8
+    against 450 with 16, the forward in 123 against 135 (docs/PERFORMANCE.md); d_v = 1 gets 4 either way."""
     block_d = triton.next_power_of_2(D)
-    return dict(BLOCK_D=block_d, num_warps=min(16, max(4, block_d * DV // 256)))
+    return dict(BLOCK_D=block_d, num_warps=min(max_warps, max(4, block_d * DV // 256)))
 
 
 TOKENS_PER_PROGRAM = 16  # the backward's tokens per program when it sums the read's mix gradient over tokens
@@ -236,7 +238,8 @@ def _delta_write(X: torch.Tensor, h: torch.Tensor, beta: torch.Tensor, v: torch.
     X_new = torch.empty_like(X)                                       # (B, T, d, d_v)
     read = X.new_empty((B, T, D) if mix is not None else (0,), dtype=torch.float32)  # (B, T, d) or (0,)
     _forward_kernel[(B * T,)](X, h, beta, v, mix if mix is not None else v, seed if p > 0 else beta, X_new, read, D,
-                              eps * eps, p, DV=DV, ERASE=erase, READ=mix is not None, DROP=p > 0, **_launch(D, DV))
+                              eps * eps, p, DV=DV, ERASE=erase, READ=mix is not None, DROP=p > 0,
+                              **_launch(D, DV, max_warps=8))
     return X_new, read
 
 
@@ -259,7 +262,8 @@ def _delta_write_backward(g: torch.Tensor, g_read: Optional[torch.Tensor], X: to
     dmix = X.new_empty((programs, D, DV) if read else (0,), dtype=torch.float32)  # (programs, d, d_v) or (0,)
     _backward_kernel[(programs,)](X, h, beta, v, mix if read else v, seed if p > 0 else beta, g,
                                   g_read if read else g, dX, dh, dbeta, dv, dmix, B * T, D, eps * eps, p,
-                                  DV=DV, ERASE=erase, READ=read, DROP=p > 0, TOKENS=tokens, **_launch(D, DV))
+                                  DV=DV, ERASE=erase, READ=read, DROP=p > 0, TOKENS=tokens,
+                                  **_launch(D, DV, max_warps=8))
     return dX, dh, dbeta, dv, dmix.sum(0) if read else dmix
 
 

@@ -124,7 +124,7 @@ def prepare_model(model, cfg, device, dtype):
     fused kernels where they can run (or as --fused says); and whether they run."""
     check_fused(cfg.fused, device, model.config)
     model = cast_weights(model.to(device).eval(), dtype)
-    return model, use_kernels(model, cfg.fused, compiled=cfg.compile)[0]
+    return model, use_kernels(model, cfg.fused, compiled=cfg.compile, generation=True)[0]
 
 
 def sample(cfg, out=None):

@@ -82,7 +82,7 @@ class TrainConfig:
     dtype: str = "auto"                # auto: bfloat16 on GPUs that have it, float16 on older CUDA GPUs, else float32
     compile: bool | None = None        # torch.compile; None: on CUDA where Triton exists, off elsewhere
     compile_mode: str = "auto"         # torch.compile mode; auto: reduce-overhead (CUDA graphs) on one GPU, else default
-    fused: bool | None = None          # delta writes in one fused GPU kernel (ddl_kernels.py); None: when not compiling
+    fused: bool | None = None          # delta writes in one fused GPU kernel (ddl_kernels.py); None: wherever it runs
     ddp_bucket_mb: int = 25            # under torchrun: gradients are averaged in buckets of this size while backward runs
     seed: int = 1337                   # every random draw of the run follows from it
     gpu_peak_tflops: float | None = None  # the GPU's peak, for MFU on a GPU missing from support/device.py's table

@@ -7,7 +7,8 @@ Where generation's time goes, on a CUDA GPU (docs/PERFORMANCE.md, Generation, qu
     python docs/generation_speed.py --what=compiled      # the decode step compiled (sample.py --compile=True)
 
 Random weights (speed does not depend on them), greedy from a one-token prompt, the model prepared as
-sample.py prepares it (weights stored in the generation's dtype, the fused kernels on; --fused=False: off).
+sample.py prepares it (weights stored in the generation's dtype; the fused kernels as sample.py picks them: on,
+but off in a compiled step; --fused=False: off everywhere).
 - whole: generate() alone for 500 tokens after a warm-up generation (Triton's kernels compiled): the time
   to the first token (prefill and the decode step's capture) and to the last, as a user waits for them.
 - steps: one decode step and one re-read past block_size, each replayed as a CUDA graph, waiting for
@@ -29,6 +30,7 @@ from ddl_gpt import GPT, GPTConfig  # noqa: E402
 from generate import Decoder, Draws, KVCache, cast_weights, precision  # noqa: E402
 from sample import rates, timed_generation  # noqa: E402
 from support.configurator import ConfigError, parse_overrides, run_cli  # noqa: E402
+from support.speed import use_kernels  # noqa: E402
 
 SHAPES = {"baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65),
           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)}
@@ -43,13 +45,13 @@ class SpeedConfig:
     dtypes: str = "bfloat16,float32"
     batch_sizes: str = "1,8"
     tokens: int = 500            # new tokens per generation (whole, compiled)
-    fused: bool = True           # ddl_kernels.py's kernels (delta writes, attention's inputs); False: plain PyTorch
+    fused: bool = True           # ddl_kernels.py's kernels as sample.py picks them; False: plain PyTorch everywhere
 
 
-def model_for(shape, mode, dtype, fused=True):
+def model_for(shape, mode, dtype, fused=True, compiled=False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SHAPES[shape], **MODES[mode])).cuda().eval()
-    model.use_kernels(fused)  # the delta writes (none in add mode) and attention's inputs
+    use_kernels(model, None if fused else False, compiled, generation=True)  # as sample.py decides
     return cast_weights(model, dtype)
 
 
@@ -115,7 +117,7 @@ def main(argv):
           f"ddl_kernels {'on' if cfg.fused else 'off (--fused=False)'}")
     for mode in modes:
         for dtype in dtypes:
-            model = model_for(cfg.shape, mode, dtype, cfg.fused)
+            model = model_for(cfg.shape, mode, dtype, cfg.fused, compiled=cfg.what == "compiled")
             for batch in batches:
                 if cfg.what == "whole":
                     timed_generation(model, batch, cfg.tokens, dtype, use_cache=True)       # warm-up

@@ -18,8 +18,8 @@ Each kernel is a PyTorch operator (torch.library): ddl::delta_write with its bac
 ddl::delta_write_backward, and ddl::delta_update. torch.compile keeps an operator as one opaque call in
 the graph it compiles, knowing only its outputs' shapes (the "fakes" below), so a compiled model runs the
 kernels too. Inductor then cannot fuse the write with the norms and reads around it, as it does the plain
-code; measured, the kernels were still faster compiled in three cases of four (docs/PERFORMANCE.md), so
-train.py runs them by default wherever they can run; --fused=False runs the plain code.
+code; measured compiled, the kernels were still faster in two cases of four, even in one and 3% slower in
+one (docs/PERFORMANCE.md), so train.py runs them by default wherever they can; --fused=False: the plain code.
 
 It runs only on CUDA, where Triton comes with PyTorch, and only for d_v in (1, 2, 4, 8); everywhere
 else ddl_gpt.py runs its plain PyTorch code. tests/test_kernels.py checks values and gradients against it.

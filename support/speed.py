@@ -86,10 +86,11 @@ def use_kernels(model, fused, compiled, generation=False):
     """Turn the fused delta write (ddl_kernels.py) on or off, and with it generation's attention-input kernel.
     fused=None picks it wherever it can run, compiled or not. torch.compile keeps the kernel as one operator
     that nothing fuses into, where it would fuse the plain code with its neighbours; measured on an H200, the
-    kernel was still faster in three cases of four: the baby GPT's loop 6.9 against 7.7 ms/iter (delta) and
-    11.9 against 11.8 (d_v = 4), GPT-2 small's step 48.4 against 55.3 ms (d_v = 4), but 38.5 against 37.4
-    (delta) (docs/PERFORMANCE.md). A compiled decode step (generation=True) keeps the plain code, which the
-    compiler fuses into few kernels, as measured; the kernels there were not. fused=False runs the plain code.
+    kernel was still faster in two cases of four, the baby GPT's loop (delta: 6.9 against 7.7 ms/iter) and
+    GPT-2 small's step (d_v = 4: 52.7 against 55.3 ms; 48.4 with the current launch settings, in a later call),
+    even in one (baby d_v = 4: 11.9 against 11.8) and slower in one (GPT-2 small delta: 38.5 against 37.4)
+    (docs/PERFORMANCE.md). A compiled decode step (generation=True) keeps the plain code, which the compiler
+    fuses into few kernels, as measured; the kernels there were not. fused=False runs the plain code.
     Returns whether the kernels are on, and the line that says which code runs the writes."""
     blocker = kernel_blocker(next(model.parameters()).device, model.config)
     on = blocker is None and (fused is True or (fused is None and not (compiled and generation)))

@@ -99,11 +99,24 @@ def test_delta_toy_notices_a_delta_update_that_disagrees_with_the_equation(monke
     ("delta_toy.py", "--betass=1"), ("state_figure.py", "--beta=2.5"), ("state_figure.py", "--v=1,2"),
     ("read_gates.py", "--out_dir=no-such-run"), ("gradient_step.py", "--sed=1"),
     ("gradient_step.py", "--seed=99999999999999999999999"), ("generation_speed.py", "--what=foo"),
-    ("generation_speed.py", "--modes=delta:3")])
+    ("generation_speed.py", "--modes=delta:3"), ("state_recovery.py", "--layers=0"),
+    ("state_recovery.py", "--state_dtypes=float16"), ("state_recovery.py", "--d_v=four")])
 def test_a_bad_setting_ends_in_one_error_line(script, argument):
     status, out, err = run_script(DOCS / script, argument)
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_state_recovery_gets_an_fp32_state_back_to_rounding_and_shows_a_bf16_states_drift():
+    """X = X_new - beta k ⊗ e walked back over every write: with an fp32 state each recovered state is within
+    rounding of the true one (a wrong e, sign or gate would be off by the write itself); a bf16 state's
+    rounding adds up and shows."""
+    status, out, err = run_script(DOCS / "state_recovery.py", "--layers=3", "--d_v=2")
+    assert status == 0 and err == "", err
+    rows = {line.split("|")[3].strip(): [float(cell) for cell in line.split("|")[4:6]]
+            for line in out.splitlines()[2:]}
+    assert max(rows["float32"]) < 1e-5
+    assert rows["bfloat16"][0] < 1e-2 and rows["bfloat16"][1] > 1e-3
 
 
 @pytest.mark.parametrize("script", sorted(path.name for path in DOCS.glob("*.py")))

@@ -33,28 +33,29 @@ class RecoveryConfig:
 
 
 def writes_of(model, idx):
-    """Every write's (X, beta, k, e) and the last state, from one forward pass without dropout."""
-    writes = []
+    """Every write's (X, beta, k, e), and the state after the last write, from one forward pass without dropout."""
+    writes, last = [], {}
 
     def record(update, inputs, X_new):
         X, x_in, c, h = inputs
         k, beta, v = update.coefficients(x_in, c, h)                               # (B, T, d), (B, T), (B, T, d_v)
         e = v - (k.unsqueeze(-1) * X.float()).sum(dim=2) if update.erase else v    # (B, T, d_v)
-        writes.append((X, beta, k, e, X_new))
+        writes.append((X, beta, k, e))
+        last["state"] = X_new                                                      # (B, T, d, d_v)
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, DeltaUpdate)]
     with torch.no_grad():
         model(idx)
     for hook in hooks:
         hook.remove()
-    return writes
+    return writes, last["state"]
 
 
-def recovery_errors(writes):
+def recovery_errors(writes, last_state):
     """Walking back from the last state: the relative error of each recovered state, last write first."""
-    X_next = writes[-1][-1].float()                                                # (B, T, d, d_v)
+    X_next = last_state.float()                                                    # (B, T, d, d_v)
     errors = []
-    for X, beta, k, e, _ in reversed(writes):
+    for X, beta, k, e in reversed(writes):
         X_next = X_next - (beta[..., None, None] * k.unsqueeze(-1)) * e.unsqueeze(-2)  # (B, T, d, d_v)
         errors.append(((X_next - X.float()).abs().max() / X.float().abs().max()).item())
     return errors
@@ -82,7 +83,7 @@ def main(argv):
                     for p in model.parameters():
                         p.add_(0.02 * torch.randn_like(p))
                 idx = torch.randint(65, (2, 128))                                  # (B, T)
-                errors = recovery_errors(writes_of(model, idx))
+                errors = recovery_errors(*writes_of(model, idx))
                 print(f"| {layers} | {d_v} | {state_dtype} | {errors[0]:.1e} | {errors[-1]:.1e} |")
 
 
